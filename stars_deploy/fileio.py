@@ -1,0 +1,79 @@
+"""Atomic writes and safe reads: nothing half-written is ever left under its final name."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    _atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _atomic_write(path, lambda handle: handle.write(data))
+
+
+def save_torch(path: Path, payload: Any) -> None:
+    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename)."""
+    _atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def load_torch(path: Path, what: str = "checkpoint") -> Any:
+    """Load a torch file with ``weights_only=True``: tensors and plain containers only, no code.
+
+    Raises CheckpointError naming the file when it is missing, truncated or not a torch file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist: check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read {what} {path}: the file is truncated, corrupt or not a PyTorch "
+            f"checkpoint ({reason}); re-save or re-download it"
+        ) from None
+    except Exception as exc:  # pickle.UnpicklingError for disallowed globals
+        raise CheckpointError(
+            f"refusing to load {what} {path}: it holds more than tensors and plain containers "
+            f"({str(exc).splitlines()[0]}); save a state_dict instead"
+        ) from None
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """Read JSON, naming the file in the error when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({exc})") from None

@@ -1,0 +1,26 @@
+"""Progress and log lines go to stderr, so that ``--json`` output on stdout stays clean."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def log(message: str) -> None:
+    """One line on stderr (suppressed by ``--quiet``)."""
+    if not _quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def progress_bar(total: float | None, description: str, unit: str) -> tqdm:
+    """A tqdm bar on stderr; hidden when quiet."""
+    return tqdm(total=total, desc=description, unit=unit, file=sys.stderr, disable=_quiet,
+                dynamic_ncols=True, leave=False)

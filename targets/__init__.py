@@ -1,0 +1,1 @@
+"""stars_deploy.targets: simulated hardware back-ends behind one result record."""
