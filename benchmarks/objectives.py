@@ -19,10 +19,10 @@ from stars_deploy.distill import distill, make_config
 from stars_deploy.progress import set_quiet
 
 
-def run(objective: str, seed: int, runs_dir: Path, **budget) -> dict:
+def run(objective: str, seed: int, runs_dir: Path, mode: str, **budget) -> dict:
     config = make_config(objective, seed=seed, eval_every=10**6, **budget)
     summary = distill(config, runs_dir=runs_dir)
-    return {"objective": objective, "seed": seed, **budget,
+    return {"objective": objective, "seed": seed, "mode": mode,
             **{k: summary[k] for k in ("student_accuracy", "agreement", "rounds", "synthetic_images",
                                        "distill_time_s", "teacher_accuracy")}}
 
@@ -39,15 +39,21 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget-s", type=float, default=90.0)
     parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--only", choices=["wall", "rounds"], default=None,
+                        help="Run one of the two comparisons (default: both).")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     set_quiet(True)
     results = []
     with tempfile.TemporaryDirectory() as runs_dir:
-        for budget in ({"budget_s": args.budget_s, "rounds": None}, {"rounds": args.rounds, "budget_s": None}):
+        budgets = {"wall": {"budget_s": args.budget_s, "rounds": None},
+                   "rounds": {"rounds": args.rounds, "budget_s": None}}
+        for mode, budget in budgets.items():
+            if args.only and mode != args.only:
+                continue
             for objective in args.objectives:
                 for seed in args.seeds:
-                    results.append(run(objective, seed, Path(runs_dir), **budget))
+                    results.append(run(objective, seed, Path(runs_dir), mode, **budget))
                     if not args.json:
                         r = results[-1]
                         print(f"  {objective:6s} seed {seed}  {r['rounds']:4d} rounds {r['distill_time_s']:6.1f} s  "
@@ -58,10 +64,12 @@ def main() -> None:
     print(f"\n| budget | objective | student accuracy % (mean ± sd, {len(args.seeds)} seeds) "
           "| agreement % | rounds | synthetic images | distill time s |")
     print("|---|---|---|---|---|---|---|")
-    for label, key, value in (("same wall clock", "budget_s", args.budget_s), ("same rounds", "rounds", args.rounds)):
+    for mode, label in (("wall", f"same wall clock ({args.budget_s:g} s)"), ("rounds", f"same rounds ({args.rounds})")):
         for objective in args.objectives:
-            rows = [r for r in results if r["objective"] == objective and r[key] == value]
-            print(f"| {label} ({value:g}{' s' if key == 'budget_s' else ' rounds'}) | {objective} "
+            rows = [r for r in results if r["objective"] == objective and r["mode"] == mode]
+            if not rows:
+                continue
+            print(f"| {label} | {objective} "
                   f"| {spread([r['student_accuracy'] for r in rows])} | {spread([r['agreement'] for r in rows])} "
                   f"| {statistics.fmean(r['rounds'] for r in rows):.0f} "
                   f"| {statistics.fmean(r['synthetic_images'] for r in rows):,.0f} "

@@ -94,7 +94,7 @@ def cli():
 @click.option("--batch-size", type=int, default=None, help="Synthetic images per batch [128].")
 @click.option("--synthesis-steps", type=int, default=None, help="Adam steps per synthetic batch [50].")
 @click.option("--synthesis-lr", type=float, default=None, help="Pixel learning rate [0.1].")
-@click.option("--l-bn", type=float, default=None, help="Weight of L_BN [10].")
+@click.option("--l-bn", type=float, default=None, help="Weight of L_BN [1].")
 @click.option("--l-ce", type=float, default=None, help="Weight of L_CE [1].")
 @click.option("--l-adv", type=float, default=None, help="Weight of the competition term [0; 1 with --host adi].")
 @click.option("--l-tv", type=float, default=None, help="Weight of total variation [1e-4].")
@@ -104,7 +104,7 @@ def cli():
 @click.option("--b-rca", type=float, default=None, help="Weight of L_RCA in the student loss [objective's].")
 @click.option("--rca-variant", default=None, help="gram (cosine Gram), sp or rkd [gram].")
 @click.option("--student-every", type=int, default=None,
-              help="Run the student for RCA/ADV every k synthesis steps (always the last) [1].")
+              help="Run the student for RCA/ADV every k synthesis steps (always the last) [10].")
 @click.option("--kd-steps", type=int, default=None, help="Student steps per round [10].")
 @click.option("--kd-batch-size", type=int, default=None, help="Student minibatch [128].")
 @click.option("--kd-lr", type=float, default=None, help="Student Adam learning rate [2e-3].")
