@@ -32,6 +32,8 @@ from pathlib import Path
 import nir
 import numpy as np
 
+from stars_deploy.errors import StarsDeployError
+
 NIR_FORMAT = "stars-deploy/nir-v1"
 INTEGRATOR = "euler-norse"
 RESET_MODE = "value"
@@ -39,6 +41,21 @@ STATE_INIT = "v_leak"
 ENCODING = "direct"
 READOUT = "mean"
 JSON_KEYS = ("normalization", "class_names", "spike_layers")
+
+
+class NIRFormatError(StarsDeployError):
+    """A NIR file or graph that cannot be read, or breaks the conventions a reader assumes."""
+
+
+def read_nir(path: Path) -> nir.NIRGraph:
+    """``nir.read(path, type_check=True)``; a missing or unreadable file raises NIRFormatError."""
+    path = Path(path)
+    if not path.is_file():
+        raise NIRFormatError(f"NIR file {path} does not exist")
+    try:
+        return nir.read(path, type_check=True)
+    except Exception as exc:  # h5py, nir's own ValueError/KeyError, type-check failures
+        raise NIRFormatError(f"cannot read {path} as a NIR graph: {type(exc).__name__}: {exc}") from None
 
 
 def encode_metadata(metadata: dict) -> dict:

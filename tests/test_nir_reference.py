@@ -34,7 +34,7 @@ def export_and_load(student, path) -> NIRReference:
 @pytest.fixture(scope="module")
 def digits_images():
     data = load_digits_split("test")
-    return (data.images[:200] - 0.5) / 0.25  # a normalised batch of real digits
+    return (data.images[:96] - 0.5) / 0.25  # a normalised batch of real digits
 
 
 @pytest.mark.parametrize("family,tau_syn_steps", FAMILIES)
@@ -42,7 +42,7 @@ def digits_images():
 def test_student_and_its_nir_file_spike_identically(random_student, family, tau_syn_steps, inputs,
                                                      digits_images, tmp_path):
     student = random_student(family, tau_syn_steps)
-    images = torch.randn(128, 1, 8, 8) * 1.5 if inputs == "random" else digits_images
+    images = torch.randn(64, 1, 8, 8) * 1.5 if inputs == "random" else digits_images
     reference = export_and_load(student, tmp_path / "s.nir").run(images)
     shipped = student_record(fold_student(student), images)
     per_layer = spike_mismatches(reference, shipped)
