@@ -272,13 +272,13 @@ class NIRReference:
         start = time.perf_counter()
         input_shape = tuple(int(s) for s in self.graph.nodes[self.input_name].input_type["input"])
         inputs = inputs.to(self.device, torch.float32)
-        constant = inputs.dim() == len(input_shape) + 1
-        sample_shape = tuple(inputs.shape[1:] if constant else inputs.shape[2:])
-        if sample_shape != input_shape and int(np.prod(sample_shape)) == int(np.prod(input_shape)):
-            inputs = inputs.reshape(*inputs.shape[:1 if constant else 2], *input_shape)
-        elif sample_shape != input_shape:
+        size = int(np.prod(input_shape))
+        # (B, ...) with one sample's worth of values per row is constant input; (T, B, ...) a sequence
+        constant = int(np.prod(inputs.shape[1:])) == size
+        if not constant and not (inputs.dim() >= 2 and int(np.prod(inputs.shape[2:])) == size):
             raise NIRFormatError(f"{self.source}: input node {self.input_name!r} takes {input_shape}, "
-                                 f"got samples of shape {sample_shape}")
+                                 f"got inputs of shape {tuple(inputs.shape)}")
+        inputs = inputs.reshape(*inputs.shape[:1 if constant else 2], *input_shape)
         # a value is (tensor, constant): constant tensors are (B, ...) and the same every step
         values: dict[str, tuple[torch.Tensor, bool]] = {}
         spikes: dict[str, torch.Tensor] = {}

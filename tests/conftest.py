@@ -58,3 +58,9 @@ def random_student():
                                timesteps=timesteps, lif=LIFConfig(tau_syn_steps=tau_syn_steps))
         return randomize_batchnorm(build_student(config))
     return make
+
+
+@pytest.fixture
+def randomize_bn():
+    """The function randomize_batchnorm (tests never import each other)."""
+    return randomize_batchnorm
