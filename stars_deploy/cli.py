@@ -238,3 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"stars-deploy: error: {exc}", err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+from .deploy_cli import export as _export, simulate as _simulate  # noqa: E402  (issue 3 commands)
+
+cli.add_command(_export), cli.add_command(_simulate)

@@ -31,3 +31,36 @@ def private_cache(cache_dir, monkeypatch):
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
+
+
+def randomize_batchnorm(model: torch.nn.Module, generator_seed: int = 0) -> torch.nn.Module:
+    """Random running statistics and affine terms, so that BatchNorm folding is exercised."""
+    generator = torch.Generator().manual_seed(generator_seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            shape = module.running_mean.shape
+            module.running_mean.copy_(torch.rand(shape, generator=generator) - 0.5)
+            module.running_var.copy_(0.5 + 1.5 * torch.rand(shape, generator=generator))
+            module.weight.data.copy_(0.5 + torch.rand(shape, generator=generator))
+            module.bias.data.copy_(0.7 * torch.rand(shape, generator=generator) - 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def random_student():
+    """factory(family, tau_syn_steps=None, timesteps=6) -> an eval-mode student with random
+    weights and random BatchNorm statistics (width 8, depth 3 / 8)."""
+    from stars_deploy.neurons import LIFConfig
+    from stars_deploy.students import StudentConfig, build_student
+
+    def make(family: str = "convnet", tau_syn_steps: float | None = None, timesteps: int = 6):
+        config = StudentConfig(family=family, width=8, depth=3 if family == "convnet" else 8,
+                               timesteps=timesteps, lif=LIFConfig(tau_syn_steps=tau_syn_steps))
+        return randomize_batchnorm(build_student(config))
+    return make
+
+
+@pytest.fixture
+def randomize_bn():
+    """The function randomize_batchnorm (tests never import each other)."""
+    return randomize_batchnorm

@@ -1,0 +1,117 @@
+"""The one result record that every target returns, and the metrics computed from it once.
+
+A record holds, for a batch of B samples run for T steps:
+  logits_t       (T, B, K) float: the output node's value at every step
+  spikes         layer name -> (T, B, ...) spikes (0/1), in forward order; names are the
+                 student's spike names (``layers.0``, ``blocks.1.out``) when the file says so
+  synops         layer name -> synaptic events over the batch and all steps
+                 (spikes times the fan-out of the following layer(s))
+  timings_s      wall-clock seconds per phase
+  latency_steps  steps from the first input to the decision (T, plus any pipeline delay)
+  pipeline_delay_steps  steps an input needs to reach the output (0 for a float simulator)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TargetResult:
+    target: str
+    logits_t: torch.Tensor
+    spikes: dict[str, torch.Tensor]
+    synops: dict[str, float]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    latency_steps: int = 0
+    pipeline_delay_steps: int = 0
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(B, K): the mean of the output over the T steps."""
+        return self.logits_t.mean(0)
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+    @property
+    def samples(self) -> int:
+        return int(self.logits_t.shape[1])
+
+    def spike_counts(self) -> dict[str, int]:
+        """Spikes per layer, summed over the batch and the steps."""
+        return {name: int(spikes.sum().item()) for name, spikes in self.spikes.items()}
+
+    def stable_decision_steps(self) -> torch.Tensor:
+        """(B,) first step (1-based) from which the running-mean prediction never changes."""
+        running = self.logits_t.cumsum(0).argmax(2)  # (T, B); argmax of the sum == of the mean
+        final = running[-1]
+        differs = (running != final).flip(0).int().cumsum(0).flip(0) > 0  # a later change exists
+        return differs.sum(0) + 1
+
+    def cpu(self) -> "TargetResult":
+        return TargetResult(self.target, self.logits_t.cpu(), {k: v.cpu() for k, v in self.spikes.items()},
+                            dict(self.synops), dict(self.timings_s), self.latency_steps,
+                            self.pipeline_delay_steps)
+
+
+def concat_results(results: list[TargetResult]) -> TargetResult:
+    """One record for the batches of ``results`` (same target and layers), in order."""
+    first = results[0]
+    timings = {key: sum(r.timings_s.get(key, 0.0) for r in results) for key in first.timings_s}
+    return TargetResult(first.target, torch.cat([r.logits_t for r in results], 1),
+                        {name: torch.cat([r.spikes[name] for r in results], 1) for name in first.spikes},
+                        {name: sum(r.synops[name] for r in results) for name in first.synops},
+                        timings, first.latency_steps, first.pipeline_delay_steps)
+
+
+def spike_mismatches(result: TargetResult, reference: TargetResult) -> dict[str, int]:
+    """Per layer: spikes that differ between two records, summed over steps and samples.
+
+    A layer missing from either record, or shaped differently, raises ValueError naming it."""
+    mismatches = {}
+    for name, spikes in reference.spikes.items():
+        if name not in result.spikes:
+            raise ValueError(f"layer {name!r} of {reference.target} is missing from {result.target}")
+        other = result.spikes[name]
+        if other.shape != spikes.shape:
+            raise ValueError(f"layer {name!r}: {result.target} spikes {tuple(other.shape)} != "
+                             f"{reference.target} {tuple(spikes.shape)}")
+        mismatches[name] = int((other.cpu() != spikes.cpu()).sum().item())
+    return mismatches
+
+
+def summarize(result: TargetResult, labels: torch.Tensor | None = None,
+              reference: TargetResult | None = None) -> dict:
+    """The metrics every target reports: accuracy, agreement and spike mismatches against
+    ``reference``, spikes and synaptic ops per sample, latency."""
+    samples = result.samples
+    predictions = result.predictions.cpu()
+    summary = {
+        "target": result.target, "samples": samples,
+        "accuracy": float((predictions == labels).float().mean()) if labels is not None else None,
+        "spikes_per_sample": sum(result.spike_counts().values()) / samples,
+        "spikes_per_layer": {k: v / samples for k, v in result.spike_counts().items()},
+        "synops_per_sample": sum(result.synops.values()) / samples,
+        "synops_per_layer": {k: v / samples for k, v in result.synops.items()},
+        "latency_steps": result.latency_steps,
+        "pipeline_delay_steps": result.pipeline_delay_steps,
+        "stable_decision_step_mean": float(result.stable_decision_steps().float().mean()),
+        "timesteps": int(result.logits_t.shape[0]),
+        "timings_s": result.timings_s,
+    }
+    if reference is not None:
+        per_layer = spike_mismatches(result, reference)
+        ref_predictions = reference.predictions.cpu()
+        summary.update(
+            reference=reference.target,
+            reference_accuracy=(float((ref_predictions == labels).float().mean())
+                                if labels is not None else None),
+            agreement=float((predictions == ref_predictions).float().mean()),
+            spike_mismatches=sum(per_layer.values()), spike_mismatches_per_layer=per_layer,
+            max_logit_difference=float((result.logits_t.cpu() - reference.logits_t.cpu()).abs().max()),
+        )
+    return summary

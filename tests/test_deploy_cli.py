@@ -1,0 +1,94 @@
+"""`stars-deploy export` and `stars-deploy simulate` end to end on a small run directory."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import nir
+import numpy as np
+import pytest
+
+from stars_deploy.cli import main
+from stars_deploy.distill import DistillConfig
+from stars_deploy.fileio import write_json
+from stars_deploy.runs import MANIFEST, RUN_FORMAT, STUDENT, sha256_file
+from stars_deploy.students import StudentConfig, save_student
+
+REQUIRED_KEYS = {"target", "samples", "accuracy", "reference_accuracy", "agreement", "spike_mismatches",
+                 "spikes_per_sample", "synops_per_sample", "latency_steps"}
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture
+def run_dir(tmp_path, random_student):
+    """A finished-looking run: manifest + a resnet student with random weights and BN stats."""
+    student = random_student("resnet", timesteps=4)
+    config = DistillConfig(student=StudentConfig(family="resnet", width=8, depth=8, timesteps=4), rounds=1)
+    folder = tmp_path / "runs" / "r1"
+    write_json(folder / MANIFEST, {"format": RUN_FORMAT, "config": config.to_dict()})
+    save_student(folder / STUDENT, student)
+    return folder
+
+
+def test_export_nir_writes_files_record_and_layer_table_deterministically(capsys, run_dir):
+    code, out, _ = run_main(capsys, "export", "--target", "nir", "--runs-dir", run_dir.parent, "--quiet")
+    assert code == 0
+    assert re.search(r"blocks\.1\.shortcut\s+Conv2d\s+8x8x8\s+16x4x4", out)  # the layer table
+    assert re.search(r"readout\s+Affine\s+32\s+10", out)
+    record = json.loads((run_dir / "export" / "export.json").read_text())
+    nir_file = run_dir / "export" / "student.nir"
+    assert record["files"]["student.nir"]["sha256"] == sha256_file(nir_file)
+    assert record["input_shape"] == [1, 8, 8] and record["output_shape"] == [10] and record["timesteps"] == 4
+    assert record["parameters"] > 0 and record["parameters"] <= record["student_parameters"]
+    first = nir_file.read_bytes()
+    assert run_main(capsys, "export", run_dir, "--quiet")[0] == 0
+    assert nir_file.read_bytes() == first
+
+
+def test_simulate_json_reports_exact_agreement_with_the_student(capsys, run_dir):
+    assert run_main(capsys, "export", run_dir, "--quiet")[0] == 0
+    code, out, _ = run_main(capsys, "simulate", "--target", "nir", run_dir, "--samples", 40, "--json", "--quiet")
+    assert code == 0
+    summary = json.loads(out)  # exactly one JSON object on stdout
+    assert REQUIRED_KEYS <= set(summary)
+    assert summary["target"] == "nir" and summary["samples"] == 40
+    assert summary["spike_mismatches"] == 0 and summary["agreement"] == 1.0
+    assert summary["accuracy"] == summary["reference_accuracy"]
+    assert summary["latency_steps"] == 4 and summary["pipeline_delay_steps"] == 0
+    assert set(summary["spikes_per_layer"]) == {"stem", "blocks.0.first", "blocks.0.out", "blocks.1.first",
+                                                "blocks.1.out", "blocks.2.first", "blocks.2.out"}
+    assert json.loads((run_dir / "simulate-nir.json").read_text())["spike_mismatches"] == 0
+
+
+def foreign_graph(tmp_path):
+    dt, beta = 1e-4, 0.8
+    tau = np.full(10, dt / (1 - beta))
+    weight = np.random.default_rng(0).standard_normal((10, 64)).astype(np.float32)
+    zeros = np.zeros(10, np.float32)
+    graph = nir.NIRGraph(nodes={"input": nir.Input({"input": np.array([64])}),
+                                "fc": nir.Affine(weight=weight, bias=zeros + 0.5),
+                                "lif": nir.LIF(tau=tau, r=(tau / dt).astype(np.float32), v_leak=zeros,
+                                               v_threshold=zeros + 1, v_reset=zeros),
+                                "output": nir.Output({"output": np.array([10])})},
+                         edges=[("input", "fc"), ("fc", "lif"), ("lif", "output")], metadata={})
+    nir.write(tmp_path / "other.nir", graph)
+    return tmp_path / "other.nir"
+
+
+def test_simulate_runs_a_file_from_elsewhere_and_refuses_it_without_dt(capsys, tmp_path):
+    path = foreign_graph(tmp_path)
+    code, out, _ = run_main(capsys, "simulate", path, "--dt-s", 1e-4, "-T", 5, "--samples", 30, "--json", "--quiet")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["compare"] == "none" and summary["spike_mismatches"] is None
+    assert summary["samples"] == 30 and summary["spikes_per_sample"] > 0
+    assert "Euler" in summary["conventions"]
+    code, _, err = run_main(capsys, "simulate", path, "-T", 5, "--quiet")
+    assert code == 2 and "node 'lif'" in err and "--dt-s" in err and "Traceback" not in err
