@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-from .deploy_cli import export as _export, simulate as _simulate  # noqa: E402  (issue 3 commands)
+# export/simulate live in deploy_cli, which reuses emit() and the shared options above
+from .deploy_cli import export as _export, simulate as _simulate  # noqa: E402
 
-cli.add_command(_export), cli.add_command(_simulate)
+cli.add_command(_export)
+cli.add_command(_simulate)

@@ -92,3 +92,16 @@ def test_simulate_runs_a_file_from_elsewhere_and_refuses_it_without_dt(capsys, t
     assert "Euler" in summary["conventions"]
     code, _, err = run_main(capsys, "simulate", path, "-T", 5, "--quiet")
     assert code == 2 and "node 'lif'" in err and "--dt-s" in err and "Traceback" not in err
+
+
+def test_export_onnx_with_the_teacher_is_recorded_and_deterministic(capsys, run_dir, digits_teacher):
+    code, out, _ = run_main(capsys, "export", "--target", "onnx", "--teacher", run_dir, "--json", "--quiet")
+    assert code == 0
+    payload = json.loads(out)
+    record = json.loads((run_dir / "export" / "export.json").read_text())
+    for name in ("student.onnx", "teacher.onnx"):
+        path = run_dir / "export" / name
+        assert record["files"][name]["sha256"] == sha256_file(path) == payload["files"][name]["sha256"]
+    first = (run_dir / "export" / "student.onnx").read_bytes()
+    assert run_main(capsys, "export", "--target", "onnx", run_dir, "--quiet")[0] == 0
+    assert (run_dir / "export" / "student.onnx").read_bytes() == first
