@@ -1,0 +1,88 @@
+"""Distillation throughput: synthesis iterations per second, KD images per second and peak
+memory, for several variants side by side, on the CPU or CUDA. Each variant is a short
+real distillation through the public API (stars_deploy.distill) with a round budget.
+
+    python benchmarks/distill_speed.py                       # digits default, CPU
+    python benchmarks/distill_speed.py --teacher-arch cifar_resnet20 \\
+        --teacher-weights ../shared/data/cifar10/resnet20_teacher.th --student resnet --depth 20 \\
+        --width 16 --batch-sizes 256 1024 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+from pathlib import Path
+
+import torch
+
+from stars_deploy.distill import distill, make_config, resolve_device
+from stars_deploy.progress import set_quiet
+from stars_deploy.teachers import TeacherSpec
+
+VARIANTS = {  # name -> (objective, synthesis overrides)
+    "host": ("host", {}),
+    "stars (student every 10)": ("stars", {"student_every": 10}),
+    "stars (student every step)": ("stars", {"student_every": 1}),
+}
+
+
+def measure(args, variant: str, batch_size: int, runs_dir: Path) -> dict:
+    objective, synthesis = VARIANTS[variant]
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    config = make_config(
+        objective, teacher=TeacherSpec(arch=args.teacher_arch, weights=args.teacher_weights),
+        student={"family": args.student, "width": args.width, "depth": args.depth, "timesteps": args.timesteps},
+        synthesis={"batch_size": batch_size, "steps": args.synthesis_steps, **synthesis},
+        rounds=args.rounds, budget_s=None, kd_steps=args.kd_steps, kd_batch_size=batch_size,
+        eval_data=None, device=args.device, checkpoint_every=10**6)
+    summary = distill(config, runs_dir=runs_dir)
+    timings = summary["timings_s"]
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"variant": variant, "batch_size": batch_size, "device": summary["device"],
+            "synthesis_iterations_per_s": summary["rounds"] * args.synthesis_steps / timings["synthesis_s"],
+            "synthetic_images_per_s": summary["synthesis_images_per_s"],
+            "kd_images_per_s": summary["kd_images_per_s"],
+            "peak_memory_mib": peak / 2**20,
+            "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process max RSS (cumulative)"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher-arch", default="digits_cnn")
+    parser.add_argument("--teacher-weights", default=None)
+    parser.add_argument("--student", default="convnet")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--timesteps", type=int, default=4)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--synthesis-steps", type=int, default=20)
+    parser.add_argument("--kd-steps", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    set_quiet(True)
+    rows = []
+    with tempfile.TemporaryDirectory() as runs_dir:
+        for batch_size in args.batch_sizes:
+            for variant in args.variants:
+                rows.append(measure(args, variant, batch_size, Path(runs_dir)))
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"| variant | batch | device | synthesis it/s | synthetic img/s | KD img/s | peak memory MiB ({rows[0]['peak_memory_kind']}) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['batch_size']} | {r['device']} | {r['synthesis_iterations_per_s']:.1f} "
+              f"| {r['synthetic_images_per_s']:.0f} | {r['kd_images_per_s']:.0f} | {r['peak_memory_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
