@@ -144,8 +144,6 @@ def distill(arch, weights, normalization, num_classes, family, width, depth, tim
             width, depth = width or 16, depth or 8
         if budget_s is None and rounds is None:
             budget_s = DEFAULT_BUDGET_S
-        if eval_data is None and arch == "digits_cnn":
-            eval_data = "digits"
         config = make_config(
             objective, teacher=spec, host=host,
             student={"family": family, "width": width, "depth": depth, "timesteps": timesteps},
@@ -156,7 +154,7 @@ def distill(arch, weights, normalization, num_classes, family, width, depth, tim
                        "l_tar": l_tar, "rca_variant": rca_variant, "student_every": student_every},
             rounds=rounds, budget_s=budget_s, b_rca=b_rca, kd_steps=kd_steps, kd_batch_size=kd_batch_size,
             kd_lr=kd_lr, kd_temperature=kd_temperature, kd_mode=kd_mode, seed=seed,
-            eval_data=None if no_eval else eval_data, eval_every=eval_every,
+            eval_data=None if no_eval else (eval_data or "auto"), eval_every=eval_every,
             checkpoint_every=checkpoint_every, pool_memory_mb=pool_memory_mb, device=device)
     summary = run_distill(config, runs_dir=runs_dir, run_name=run_name, resume=resume)
     emit(summary, as_json, [

@@ -120,13 +120,15 @@ class DistillConfig:
 
 def make_config(objective: str = "host", teacher: TeacherSpec | None = None, student: dict | None = None,
                 synthesis: dict | None = None, host: str = "deepinversion", lif: dict | None = None,
-                **options) -> DistillConfig:
+                eval_data: str | None = "auto", **options) -> DistillConfig:
     """A DistillConfig from an objective shorthand plus explicit overrides.
 
     ``student`` holds StudentConfig fields (input shape and classes come from the teacher),
     ``lif`` LIFConfig fields, ``synthesis`` SynthesisConfig fields. An explicit
     ``l_rca``/``l_tar`` (in synthesis) or ``b_rca`` overrides what the objective switches on;
     ``host="adi"`` switches the competition term on (l_adv = DEFAULT_L_ADV) unless given.
+    ``eval_data="auto"`` evaluates on the held-out digits for the digits teacher and on
+    nothing otherwise; None never evaluates.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
@@ -147,8 +149,10 @@ def make_config(objective: str = "host", teacher: TeacherSpec | None = None, stu
     options.pop("b_rca", None)
     student_config = StudentConfig(input_shape=teacher.input_shape, num_classes=teacher.num_classes, **student)
     synthesis_config = SynthesisConfig(l_rca=weights["l_rca"], l_tar=weights["l_tar"], **synthesis)
+    if eval_data == "auto":
+        eval_data = "digits" if teacher.arch == "digits_cnn" else None
     return DistillConfig(teacher=teacher, student=student_config, synthesis=synthesis_config,
-                         objective=objective, b_rca=weights["b_rca"],
+                         objective=objective, b_rca=weights["b_rca"], eval_data=eval_data,
                          **{k: v for k, v in options.items() if v is not None or k in ("rounds", "budget_s")})
 
 

@@ -13,6 +13,7 @@ import torch
 
 from stars_deploy.distill import DistillConfig, make_config, train_augment
 from stars_deploy.errors import ConfigError
+from stars_deploy.teachers import TeacherSpec
 
 SMALL = ["--batch-size", "64", "--synthesis-steps", "20", "--kd-steps", "4", "--kd-batch-size", "64"]
 
@@ -95,6 +96,10 @@ def test_objective_shorthands_and_overrides():
     assert make_config("host", host="adi").synthesis.l_adv > 0
     with pytest.raises(ConfigError, match="--objective 'best'"):
         make_config("best")
+    assert make_config("host").eval_data == "digits"
+    assert make_config("host", eval_data=None).eval_data is None
+    cifar = TeacherSpec(arch="cifar_resnet20", weights="t.th")
+    assert make_config("host", teacher=cifar).eval_data is None  # no digits for a CIFAR teacher
     config = make_config("tar", student={"family": "resnet", "depth": 8, "width": 4})
     assert DistillConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
