@@ -16,6 +16,7 @@ from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import write_json
 from stars_deploy.progress import log
 from stars_deploy.runs import STUDENT
+from stars_deploy.teachers import Normalizer
 
 from .nir_reference import TARGET, conventions, load_reference
 from .record import TargetResult, concat_results, summarize
@@ -53,9 +54,7 @@ def simulate_nir(path: Path, data: str = "digits", samples: int | None = None, c
     normalization = reference.metadata.get("normalization")
     images = eval_data.images
     if normalization:
-        mean = torch.tensor(normalization["mean"]).view(-1, 1, 1)
-        std = torch.tensor(normalization["std"]).view(-1, 1, 1)
-        images = (images - mean) / std
+        images = Normalizer(normalization["mean"], normalization["std"])(images)
     student = None
     if compare == "student":
         if run_dir is None:
