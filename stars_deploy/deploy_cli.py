@@ -60,18 +60,16 @@ def export(run_dir, target, with_teacher, runs_dir, as_json, quiet):
 @quiet_option
 def simulate(path, target, data, samples, compare, dt_s, timesteps, device, runs_dir, as_json, quiet):
     """Run an exported file (PATH: a .nir file or a run directory; default: the latest run)."""
-    from stars_deploy.targets.simulate import resolve_nir_file, simulate_nir
+    from stars_deploy.targets.simulate import simulate_nir
 
     set_quiet(quiet)
     if samples is not None and samples < 1:
         raise click.UsageError("--samples must be at least 1")
     path = path if path is not None else _run_dir(None, runs_dir)
-    if compare is None:
-        compare = "student" if resolve_nir_file(path)[1] is not None else "none"
     summary = simulate_nir(path, data, samples, compare, dt_s=dt_s, timesteps=timesteps, device=device)
     rows = [("target", summary["target"]), ("samples", str(summary["samples"])),
             ("accuracy", percent(summary["accuracy"])),
-            (f"{compare} accuracy", percent(summary["reference_accuracy"])),
+            (f"{summary['compare']} accuracy", percent(summary["reference_accuracy"])),
             ("agreement", percent(summary["agreement"])),
             ("spike mismatches", "n/a" if summary["spike_mismatches"] is None else str(summary["spike_mismatches"])),
             ("spikes / sample", f"{summary['spikes_per_sample']:.1f}"),

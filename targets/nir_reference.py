@@ -70,6 +70,18 @@ def _rate(tau, device) -> torch.Tensor:
     return _parameter(1.0 / np.asarray(tau, dtype=np.float64), device)
 
 
+def _conv_geometry(node: nir.Conv2d) -> tuple:
+    """(stride, padding, dilation) of a NIR Conv2d as F.conv2d takes them."""
+    padding = node.padding if isinstance(node.padding, str) else tuple(int(p) for p in np.atleast_1d(node.padding))
+    return (tuple(int(s) for s in np.atleast_1d(node.stride)), padding,
+            tuple(int(d) for d in np.atleast_1d(node.dilation)))
+
+
+def _over_steps(tensor: torch.Tensor, steps: int) -> torch.Tensor:
+    """A per-sample (B, ...) value repeated over T steps as a (T, B, ...) view."""
+    return tensor.unsqueeze(0).expand(steps, *tensor.shape)
+
+
 def _is_one(array) -> bool:
     return bool(np.all(np.asarray(array) == 1))
 
@@ -85,12 +97,12 @@ class NIRReference:
         self.dt_s = float(dt_s if dt_s is not None else self.metadata.get("dt_s", np.nan))
         self.timesteps = int(timesteps or self.metadata.get("timesteps", 0))
         self.spike_names = dict(self.metadata.get("spike_layers", {}))
-        self.order = self._topological_order()
         self.inputs_of = defaultdict(list)
         self.successors = defaultdict(list)
         for source_name, target_name in graph.edges:
             self.inputs_of[target_name].append(source_name)
             self.successors[source_name].append(target_name)
+        self.order = self._topological_order()
         self.input_name = self._single(nir.Input)
         self.output_name = self._single(nir.Output)
         self.ops = {name: self._compile(name, graph.nodes[name]) for name in self.order}
@@ -120,18 +132,13 @@ class NIRReference:
                 if name not in nodes:
                     raise NIRFormatError(f"{self.source}: edge ({source_name} -> {target_name}) names "
                                          f"node {name!r}, which is not in the graph")
-        indegree = {name: 0 for name in nodes}
-        for _, target_name in self.graph.edges:
-            indegree[target_name] += 1
-        successors = defaultdict(list)
-        for source_name, target_name in self.graph.edges:
-            successors[source_name].append(target_name)
+        indegree = {name: len(self.inputs_of[name]) for name in nodes}
         ready = deque(sorted(name for name, degree in indegree.items() if degree == 0))
         order = []
         while ready:
             name = ready.popleft()
             order.append(name)
-            for target_name in successors[name]:
+            for target_name in self.successors[name]:
                 indegree[target_name] -= 1
                 if indegree[target_name] == 0:
                     ready.append(target_name)
@@ -170,10 +177,8 @@ class NIRReference:
             return lambda x: x * scale
         if isinstance(node, nir.Conv2d):
             weight, bias = _tensor(node.weight, dev), _tensor(node.bias, dev)
-            stride, dilation, groups = tuple(np.atleast_1d(node.stride)), tuple(np.atleast_1d(node.dilation)), int(node.groups)
-            padding = node.padding if isinstance(node.padding, str) else tuple(int(p) for p in np.atleast_1d(node.padding))
-            stride, dilation = tuple(int(s) for s in stride), tuple(int(d) for d in dilation)
-            return lambda x: F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+            stride, padding, dilation = _conv_geometry(node)
+            return lambda x: F.conv2d(x, weight, bias, stride, padding, dilation, int(node.groups))
         if isinstance(node, nir.Flatten):
             start = int(node.start_dim) + 1 if int(node.start_dim) >= 0 else int(node.start_dim)
             end = int(node.end_dim) + 1 if int(node.end_dim) >= 0 else int(node.end_dim)
@@ -289,7 +294,7 @@ class NIRReference:
                 continue
             value, is_constant = self._gather(name, values, steps)
             if isinstance(node, STATEFUL):
-                sequence = value.unsqueeze(0).expand(steps, *value.shape) if is_constant else value
+                sequence = _over_steps(value, steps) if is_constant else value
                 state, outputs = None, []
                 for current in sequence:
                     out, state = op(current, state)
@@ -299,11 +304,11 @@ class NIRReference:
                 value = op(value) if is_constant else op(value.flatten(0, 1)).unflatten(0, value.shape[:2])
             values[name] = (value, is_constant)
             if isinstance(node, SPIKING):
-                full = value.unsqueeze(0).expand(steps, *value.shape) if is_constant else value
+                full = _over_steps(value, steps) if is_constant else value
                 spikes[self.spike_names.get(name, name)] = full
         logits, is_constant = values[self.output_name]
         if is_constant:
-            logits = logits.unsqueeze(0).expand(steps, *logits.shape)
+            logits = _over_steps(logits, steps)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         run_s = time.perf_counter() - start
@@ -320,16 +325,12 @@ class NIRReference:
         parts = [values[source] for source in sources]
         if len(parts) == 1:
             return parts[0]
-        if all(is_constant for _, is_constant in parts):
-            total = parts[0][0]
-            for tensor, _ in parts[1:]:
-                total = total + tensor
-            return total, True
-        expanded = [t.unsqueeze(0).expand(steps, *t.shape) if c else t for t, c in parts]
-        total = expanded[0]
-        for tensor in expanded[1:]:
+        all_constant = all(is_constant for _, is_constant in parts)
+        tensors = [t if all_constant or not c else _over_steps(t, steps) for t, c in parts]
+        total = tensors[0]
+        for tensor in tensors[1:]:  # merges (residual adds) sum in edge order
             total = total + tensor
-        return total, False
+        return total, all_constant
 
     def _synops(self, name: str, spikes: torch.Tensor) -> float:
         """Synaptic events caused by ``spikes`` (T, B, ...) of node ``name``: each spike times
@@ -344,9 +345,7 @@ class NIRReference:
                 total += float(flat.sum()) * int(np.asarray(node.weight).shape[0])
             elif isinstance(node, nir.Conv2d) and int(node.groups) == 1:
                 weight = torch.ones((1, 1, *np.asarray(node.weight).shape[2:]), device=flat.device)
-                padding = node.padding if isinstance(node.padding, str) else tuple(int(p) for p in np.atleast_1d(node.padding))
-                hits = F.conv2d(flat.sum(1, keepdim=True), weight, None, tuple(int(s) for s in np.atleast_1d(node.stride)),
-                                padding, tuple(int(d) for d in np.atleast_1d(node.dilation)))
+                hits = F.conv2d(flat.sum(1, keepdim=True), weight, None, *_conv_geometry(node))
                 total += float(hits.sum()) * int(np.asarray(node.weight).shape[0])
             elif isinstance(node, nir.Conv2d):
                 total += float(flat.sum()) * int(np.asarray(node.weight)[0].size)

@@ -90,11 +90,12 @@ def summarize(result: TargetResult, labels: torch.Tensor | None = None,
     ``reference``, spikes and synaptic ops per sample, latency."""
     samples = result.samples
     predictions = result.predictions.cpu()
+    spike_counts = result.spike_counts()
     summary = {
         "target": result.target, "samples": samples,
         "accuracy": float((predictions == labels).float().mean()) if labels is not None else None,
-        "spikes_per_sample": sum(result.spike_counts().values()) / samples,
-        "spikes_per_layer": {k: v / samples for k, v in result.spike_counts().items()},
+        "spikes_per_sample": sum(spike_counts.values()) / samples,
+        "spikes_per_layer": {k: v / samples for k, v in spike_counts.items()},
         "synops_per_sample": sum(result.synops.values()) / samples,
         "synops_per_layer": {k: v / samples for k, v in result.synops.items()},
         "latency_steps": result.latency_steps,

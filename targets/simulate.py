@@ -43,12 +43,17 @@ def resolve_nir_file(path: Path) -> tuple[Path, Path | None]:
     return path, run_dir if (run_dir / STUDENT).is_file() else None
 
 
-def simulate_nir(path: Path, data: str = "digits", samples: int | None = None, compare: str = "student",
+def simulate_nir(path: Path, data: str = "digits", samples: int | None = None, compare: str | None = None,
                  dt_s: float | None = None, timesteps: int | None = None, device: str = "cpu") -> dict:
-    """Run the NIR reference on ``data``; metrics in the common summary (targets.record)."""
+    """Run the NIR reference on ``data``; metrics in the common summary (targets.record).
+
+    ``compare=None`` compares with the run's student when the file sits in a run directory,
+    with nothing otherwise."""
+    nir_file, run_dir = resolve_nir_file(path)
+    if compare is None:
+        compare = "student" if run_dir is not None else "none"
     if compare not in COMPARES:
         raise ConfigError(f"--compare {compare!r}: choose one of {', '.join(COMPARES)}")
-    nir_file, run_dir = resolve_nir_file(path)
     reference = load_reference(nir_file, dt_s=dt_s, timesteps=timesteps, device=device)
     eval_data = load_eval_data(data).subset(samples)
     normalization = reference.metadata.get("normalization")
