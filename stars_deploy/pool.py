@@ -42,6 +42,7 @@ class SyntheticPool:
         self.chunks: list[_Chunk] = []
         self.memory_bytes = 0  # bytes of the chunks held in memory
         self._disk_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._resident: torch.Tensor | None = None  # every image, when no chunk is spilled
 
     def __len__(self) -> int:
         return sum(chunk.size for chunk in self.chunks)
@@ -64,10 +65,12 @@ class SyntheticPool:
                 self._write(chunk)
                 self.memory_bytes -= _nbytes(chunk.data)
                 chunk.data = None
+                self._resident = None  # release the stacked copy with the spilled chunk
 
     def _write(self, chunk: _Chunk) -> None:
         if not chunk.on_disk:
-            save_torch(self._path(chunk.index), chunk.data.cpu())
+            # clone: a chunk may be a view of the stacked pool, and torch.save keeps whole storages
+            save_torch(self._path(chunk.index), chunk.data.cpu().clone())
             chunk.on_disk = True
 
     def _load(self, chunk: _Chunk) -> torch.Tensor:
@@ -80,6 +83,20 @@ class SyntheticPool:
         self._disk_cache.move_to_end(chunk.index)
         return self._disk_cache[chunk.index]
 
+    def _all_resident(self) -> torch.Tensor | None:
+        """The whole pool as one tensor on the device while nothing is spilled (the chunks
+        become views of it), so a sample is one gather instead of one per chunk; else None."""
+        if self.spilled_chunks:
+            self._resident = None
+            return None
+        if self._resident is None or len(self._resident) != len(self):
+            self._resident = torch.cat([chunk.data for chunk in self.chunks])
+            start = 0
+            for chunk in self.chunks:
+                chunk.data = self._resident[start:start + chunk.size]
+                start += chunk.size
+        return self._resident
+
     def sample(self, count: int) -> torch.Tensor:
         """``count`` images drawn uniformly with replacement from the whole pool."""
         if not self.chunks:
@@ -87,6 +104,9 @@ class SyntheticPool:
         sizes = torch.tensor([c.size for c in self.chunks])
         ends = sizes.cumsum(0)
         picks = torch.randint(int(ends[-1]), (count,))
+        resident = self._all_resident()
+        if resident is not None:
+            return resident[picks.to(self.device)]
         owners = torch.searchsorted(ends, picks, right=True)
         offsets = picks - (ends - sizes)[owners]
         parts = torch.empty(count, *self._load(self.chunks[0]).shape[1:], device=self.device)
