@@ -88,12 +88,16 @@ def cli():
               help="host (BN + CE), rca, tar, or stars (host + RCA + TAR).")
 @click.option("--host", default="deepinversion", show_default=True,
               help="deepinversion (pixel optimisation) or adi (plus the competition term).")
+@click.option("--synthesizer", "method", default=None,
+              help="pixel (optimise the pixels of each batch) or generator (FastDFKD: a generator "
+                   "meta-learned across batches) [pixel].")
+@click.option("--generator-lr", type=float, default=None, help="Generator host: inner learning rate [4e-3].")
 @click.option("--rounds", type=int, default=None, help="Budget in synthesise->KD rounds.")
 @click.option("--budget-s", type=float, default=None,
               help=f"Budget in wall-clock seconds of distillation [{DEFAULT_BUDGET_S:g} when --rounds is not given].")
 @click.option("--batch-size", type=int, default=None, help="Synthetic images per batch [128].")
-@click.option("--synthesis-steps", type=int, default=None, help="Adam steps per synthetic batch [50].")
-@click.option("--synthesis-lr", type=float, default=None, help="Pixel learning rate [0.1].")
+@click.option("--synthesis-steps", type=int, default=None, help="Adam steps per synthetic batch [50 pixel, 5 generator].")
+@click.option("--synthesis-lr", type=float, default=None, help="Learning rate of the pixels (or of z) [0.1].")
 @click.option("--l-bn", type=float, default=None, help="Weight of L_BN [1].")
 @click.option("--l-ce", type=float, default=None, help="Weight of L_CE [1].")
 @click.option("--l-adv", type=float, default=None, help="Weight of the competition term [0; 1 with --host adi].")
@@ -119,6 +123,9 @@ def cli():
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N rounds [5].")
 @click.option("--pool-memory-mb", type=float, default=None, help="Pool memory before spilling to disk [1024].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--teacher-bf16", is_flag=True, default=None, help="Run the teacher under bfloat16 autocast.")
+@click.option("--channels-last", is_flag=True, default=None, help="NHWC memory layout for the convolutions.")
+@click.option("--norse-lif", is_flag=True, help="Step the student's LIF layers with Norse instead of the fused path.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--name", "run_name", default=None, help="Run directory name [derived from the config].")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
@@ -126,10 +133,12 @@ def cli():
 @json_option
 @quiet_option
 def distill(arch, weights, normalization, num_classes, family, width, depth, timesteps, tau_mem_steps,
-            tau_syn_steps, surrogate, surrogate_alpha, objective, host, rounds, budget_s, batch_size,
+            tau_syn_steps, surrogate, surrogate_alpha, objective, host, method, generator_lr, rounds, budget_s,
+            batch_size,
             synthesis_steps, synthesis_lr, l_bn, l_ce, l_adv, l_tv, l_l2, l_rca, l_tar, b_rca,
             rca_variant, student_every, kd_steps, kd_batch_size, kd_lr, kd_temperature, kd_mode, seed,
-            eval_data, no_eval, eval_every, checkpoint_every, pool_memory_mb, device, runs_dir, run_name,
+            eval_data, no_eval, eval_every, checkpoint_every, pool_memory_mb, device, teacher_bf16,
+            channels_last, norse_lif, runs_dir, run_name,
             resume, as_json, quiet):
     """Distil a spiking student from a teacher alone. With no options: the embedded default
     (digits teacher -> spiking convnet -> evaluation on held-out digits)."""
@@ -151,11 +160,13 @@ def distill(arch, weights, normalization, num_classes, family, width, depth, tim
                  "surrogate_alpha": surrogate_alpha},
             synthesis={"batch_size": batch_size, "steps": synthesis_steps, "lr": synthesis_lr, "l_bn": l_bn,
                        "l_ce": l_ce, "l_adv": l_adv, "l_tv": l_tv, "l_l2": l_l2, "l_rca": l_rca,
-                       "l_tar": l_tar, "rca_variant": rca_variant, "student_every": student_every},
+                       "l_tar": l_tar, "rca_variant": rca_variant, "student_every": student_every,
+                       "method": method, "generator_lr": generator_lr, "teacher_bf16": teacher_bf16},
             rounds=rounds, budget_s=budget_s, b_rca=b_rca, kd_steps=kd_steps, kd_batch_size=kd_batch_size,
             kd_lr=kd_lr, kd_temperature=kd_temperature, kd_mode=kd_mode, seed=seed,
             eval_data=None if no_eval else (eval_data or "auto"), eval_every=eval_every,
-            checkpoint_every=checkpoint_every, pool_memory_mb=pool_memory_mb, device=device)
+            checkpoint_every=checkpoint_every, pool_memory_mb=pool_memory_mb, device=device,
+            channels_last=channels_last, fused_lif=not norse_lif)
     summary = run_distill(config, runs_dir=runs_dir, run_name=run_name, resume=resume)
     emit(summary, as_json, [
         ("teacher accuracy", percent(summary.get("teacher_accuracy"))),

@@ -34,6 +34,8 @@ from .runs import (CHECKPOINT, DISTILL, MANIFEST, POOL_DIR, RUN_FORMAT, STUDENT,
                    sha256_file, timestamp, versions)
 from .neurons import LIFConfig
 from .students import StudentConfig, build_student, save_student
+from .generator import GENERATOR_STEPS, GENERATOR_Z_LR, GeneratorSynthesizer
+from .neurons import set_fused_lif
 from .synthesis import PixelSynthesizer, SynthesisConfig
 from .teacher_training import ensure_default_teacher
 from .teachers import Normalizer, TeacherSpec, load_teacher
@@ -78,6 +80,8 @@ class DistillConfig:
     checkpoint_every: int = 5
     pool_memory_mb: float = 1024.0
     device: str = "auto"
+    fused_lif: bool = True  # the student's LIF layers as one autograd node each (same spikes as Norse)
+    channels_last: bool = False  # NHWC memory layout for the teacher's and the student's convolutions
 
     def __post_init__(self):
         if self.rounds is None and self.budget_s is None:
@@ -128,7 +132,8 @@ def make_config(objective: str = "host", teacher: TeacherSpec | None = None, stu
     ``l_rca``/``l_tar`` (in synthesis) or ``b_rca`` overrides what the objective switches on;
     ``host="adi"`` switches the competition term on (l_adv = DEFAULT_L_ADV) unless given.
     ``eval_data="auto"`` evaluates on the held-out digits for the digits teacher and on
-    nothing otherwise; None never evaluates.
+    nothing otherwise; None never evaluates. The generator host (``synthesis={"method":
+    "generator"}``) takes GENERATOR_STEPS steps per batch unless ``steps`` is given.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
@@ -139,6 +144,9 @@ def make_config(objective: str = "host", teacher: TeacherSpec | None = None, stu
     synthesis = {key: value for key, value in (synthesis or {}).items() if value is not None}
     if host == "adi":
         synthesis.setdefault("l_adv", DEFAULT_L_ADV)
+    if synthesis.get("method") == "generator":
+        synthesis.setdefault("steps", GENERATOR_STEPS)
+        synthesis.setdefault("lr", GENERATOR_Z_LR)
     student = {key: value for key, value in (student or {}).items() if value is not None}
     lif = {key: value for key, value in (lif or {}).items() if value is not None}
     if lif:
@@ -170,14 +178,14 @@ def train_augment(images: torch.Tensor, low: torch.Tensor, flip: bool) -> torch.
     batch, _, height, width = images.shape
     pad = max(1, width // 8)
     padded = F.pad(images - low, (pad, pad, pad, pad)) + low
-    dy = torch.randint(0, 2 * pad + 1, (batch, 1, 1)).to(images.device)
-    dx = torch.randint(0, 2 * pad + 1, (batch, 1, 1)).to(images.device)
+    dy = torch.randint(0, 2 * pad + 1, (batch, 1, 1), device=images.device)  # device RNG: no copies
+    dx = torch.randint(0, 2 * pad + 1, (batch, 1, 1), device=images.device)
     rows = dy + torch.arange(height, device=images.device).view(1, -1, 1)
     cols = dx + torch.arange(width, device=images.device).view(1, 1, -1)
     batch_index = torch.arange(batch, device=images.device).view(-1, 1, 1)
     cropped = padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2)
     if flip:
-        mask = (torch.rand(batch) < 0.5).to(images.device).view(-1, 1, 1, 1)
+        mask = (torch.rand(batch, device=images.device) < 0.5).view(-1, 1, 1, 1)
         cropped = torch.where(mask, cropped.flip(3), cropped)
     return cropped.contiguous()
 
@@ -247,9 +255,16 @@ def distill(config: DistillConfig | None = None, runs_dir: Path = Path("runs"), 
     student = build_student(config.student).to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.kd_lr)
     pool = SyntheticPool(run_dir / POOL_DIR, config.pool_memory_mb, device)
-    synthesizer = PixelSynthesizer(teacher, normalizer, config.synthesis, spec.num_classes,
-                                   spec.architecture.hflip)
-    low, _ = normalizer.bounds()
+    set_fused_lif(student, config.fused_lif)
+    if config.channels_last:
+        teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
+    if config.synthesis.method == "generator":
+        synthesizer = GeneratorSynthesizer(teacher, normalizer, config.synthesis, spec.num_classes,
+                                           spec.architecture.hflip, input_shape=spec.input_shape, device=device)
+    else:
+        synthesizer = PixelSynthesizer(teacher, normalizer, config.synthesis, spec.num_classes,
+                                       spec.architecture.hflip)
+    low = normalizer.bounds()[0].to(device)
     flip = spec.architecture.hflip
     budget = _Budget(config.rounds, config.budget_s)
     round_index, elapsed_s, history = 0, 0.0, []
@@ -262,6 +277,7 @@ def distill(config: DistillConfig | None = None, runs_dir: Path = Path("runs"), 
         student.load_state_dict(checkpoint["student"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         pool.restore(checkpoint["pool"])
+        synthesizer.load_state_dict(checkpoint.get("synthesizer", {}))
         round_index, elapsed_s = checkpoint["round"], checkpoint["elapsed_s"]
         history, timings = checkpoint["history"], checkpoint["timings"]
         _set_rng_state(checkpoint["rng"])
@@ -280,6 +296,7 @@ def distill(config: DistillConfig | None = None, runs_dir: Path = Path("runs"), 
         save_torch(run_dir / CHECKPOINT, {
             "format": CHECKPOINT_FORMAT, "round": round_index, "elapsed_s": elapsed_s,
             "student": student.state_dict(), "optimizer": optimizer.state_dict(), "pool": pool.state(),
+            "synthesizer": synthesizer.state_dict(),
             "history": history, "timings": timings, "rng": _rng_state()})
         timings["checkpoint_s"] += time.perf_counter() - begin
 
@@ -303,10 +320,11 @@ def distill(config: DistillConfig | None = None, runs_dir: Path = Path("runs"), 
         for group in optimizer.param_groups:
             group["lr"] = config.kd_lr * lr_scale
         for _ in range(config.kd_steps):
-            batch = train_augment(pool.sample(config.kd_batch_size), low.to(device), flip)
-            with torch.no_grad():
+            batch = train_augment(pool.sample(config.kd_batch_size), low, flip)
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=config.synthesis.teacher_bf16):
                 teacher_features = teacher.penultimate(batch)
                 teacher_logits = teacher.head(teacher_features)
+            teacher_features, teacher_logits = teacher_features.float(), teacher_logits.float()
             out = student(batch)
             if config.kd_mode == "per_step":
                 loss = torch.stack([kd_loss(z, teacher_logits, config.kd_temperature) for z in out.logits_t]).mean()

@@ -158,9 +158,9 @@ class TeacherProbe:
     def _hook(self, module: nn.BatchNorm2d, inputs, output) -> None:
         if not self.active:
             return
-        self.bn_terms.append(bn_statistics_loss(inputs[0], module.running_mean, module.running_var))
+        self.bn_terms.append(bn_statistics_loss(inputs[0].float(), module.running_mean, module.running_var))
         if self.want_tar:
-            self.tar_terms.append(tar_layer_loss(output, module.weight, module.bias,
+            self.tar_terms.append(tar_layer_loss(output.float(), module.weight, module.bias,
                                                  self.tar_ks, self.tar_temperature))
 
     def collect(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Pixel-optimisation host (DeepInversion) with the STARS terms plugged in.
+"""The synthesis objective, and the pixel-optimisation host (DeepInversion) it plugs into.
 
 One call of :meth:`PixelSynthesizer.synthesize` optimises a batch of B images, in the
 teacher's normalised input space, for ``steps`` Adam steps on
@@ -9,10 +9,13 @@ Both networks see the same random jitter (roll) and, where the data allows, the 
 horizontal flip. The student (frozen, eval mode, surrogate gradients on) is only run on the
 steps that need it: L_RCA and L_ADV are computed every ``student_every`` steps, always
 including the last step, because a student pass costs T times a teacher-sized pass.
+The generator host (generator.py) optimises the same objective through a generator;
+both share :class:`Synthesizer`, which owns the objective.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,6 +25,9 @@ from torch import nn
 from .errors import ConfigError
 from .objectives import RCA_VARIANTS, TeacherProbe, adversarial_loss, rca_loss, total_variation
 from .teachers import Normalizer, batchnorm_layers
+
+
+SYNTHESIS_METHODS = ("pixel", "generator")
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,10 @@ class SynthesisConfig:
     student_every: int = 10
     jitter_px: int | None = None  # None: max(1, side // 16), 2 px on 32x32
     flip: bool = True  # only used where the teacher's data allows horizontal flips
+    method: str = "pixel"  # or "generator" (generator.py): what the Adam steps update
+    generator_lr: float = 4e-3  # generator host: inner learning rate of the generator weights
+    z_dim: int = 256  # generator host: latent size
+    teacher_bf16: bool = False  # run the teacher under bfloat16 autocast (the losses stay float32)
 
     def __post_init__(self):
         for name in ("batch_size", "steps", "student_every"):
@@ -55,6 +65,10 @@ class SynthesisConfig:
         for name in ("lr", "l_bn", "l_ce", "l_adv", "l_tv", "l_l2", "l_rca", "l_tar"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.method not in SYNTHESIS_METHODS:
+            raise ConfigError(f"--synthesizer {self.method!r}: choose one of {', '.join(SYNTHESIS_METHODS)}")
+        if self.generator_lr <= 0 or self.z_dim < 1:
+            raise ConfigError("--generator-lr must be positive and the latent size at least 1")
         if self.rca_variant not in RCA_VARIANTS:
             raise ConfigError(f"--rca-variant {self.rca_variant!r}: choose one of {', '.join(RCA_VARIANTS)}")
         if self.tar_temperature <= 0:
@@ -81,8 +95,10 @@ def random_jitter_flip(images: torch.Tensor, jitter_px: int, flip: bool) -> torc
     return images
 
 
-class PixelSynthesizer:
-    """Optimises synthetic batches against a frozen teacher (and, for RCA/ADV, the student)."""
+class Synthesizer:
+    """The objective L_syn on a batch, shared by both hosts: jitter/flip, the teacher with its
+    BatchNorm probe (L_BN, L_TAR), L_CE, L_TV, L_L2, and the student terms (L_RCA, L_ADV) on
+    the steps that need them."""
 
     def __init__(self, teacher: nn.Module, normalizer: Normalizer, config: SynthesisConfig,
                  num_classes: int, allow_flip: bool):
@@ -104,50 +120,80 @@ class PixelSynthesizer:
         fraction = step / (cfg.steps - 1)
         return cfg.tar_temperature + fraction * (cfg.tar_temperature_end - cfg.tar_temperature)
 
+    def objective(self, images: torch.Tensor, targets: torch.Tensor, student: nn.Module | None,
+                  step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(L_syn, its terms) for ``images`` at synthesis step ``step`` of ``config.steps``."""
+        cfg = self.config
+        augmented = random_jitter_flip(images, self.jitter(images.shape[-1]), self.flip)
+        self.probe.active = True
+        self.probe.tar_temperature = self._tar_temperature(step)
+        try:
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.teacher_bf16):
+                features = self.teacher.penultimate(augmented)
+                logits = self.teacher.head(features)
+        finally:
+            self.probe.active = False
+        features, logits = features.float(), logits.float()
+        bn, tar = self.probe.collect()
+        terms = {"bn": bn, "ce": F.cross_entropy(logits, targets),
+                 "tv": total_variation(augmented), "l2": augmented.pow(2).mean(), "tar": tar}
+        if student is not None and (cfg.steps - 1 - step) % cfg.student_every == 0:
+            out = student(augmented)
+            if cfg.l_rca > 0:
+                terms["rca"] = rca_loss(features, out.features, cfg.rca_variant)
+            if cfg.l_adv > 0:
+                terms["adv"] = adversarial_loss(out.logits, logits)
+        loss = sum(getattr(cfg, f"l_{name}") * value for name, value in terms.items()
+                   if getattr(cfg, f"l_{name}") > 0)
+        return loss, terms
+
+    @contextmanager
+    def frozen_student(self, student: nn.Module | None):
+        """The student in eval mode without weight gradients (surrogate gradients still reach
+        the images), or None when no term needs it; restored afterwards."""
+        if student is None or not self.config.needs_student:
+            yield None
+            return
+        was_training = student.training
+        grad_flags = [p.requires_grad for p in student.parameters()]
+        student.eval()
+        student.requires_grad_(False)
+        try:
+            yield student
+        finally:
+            for parameter, flag in zip(student.parameters(), grad_flags):
+                parameter.requires_grad_(flag)
+            student.train(was_training)
+
+    def random_targets(self, device: torch.device) -> torch.Tensor:
+        return torch.randint(self.num_classes, (self.config.batch_size,)).to(device)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to resume this host (nothing for pixel optimisation)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class PixelSynthesizer(Synthesizer):
+    """DeepInversion: Adam on the pixels of a fresh random batch for ``steps`` steps."""
+
     def synthesize(self, student: nn.Module | None, input_shape: tuple[int, int, int],
                    device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimised batch (B, C, H, W) in normalised space, and the last step's loss terms."""
         cfg = self.config
-        targets = torch.randint(self.num_classes, (cfg.batch_size,)).to(device)
+        targets = self.random_targets(device)
         images = torch.randn(cfg.batch_size, *input_shape).to(device).requires_grad_(True)
         optimizer = torch.optim.Adam([images], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         low, high = self.low.to(device), self.high.to(device)
-        use_student = student is not None and cfg.needs_student
-        if use_student:
-            was_training = student.training
-            student.eval()
-            grad_flags = [p.requires_grad for p in student.parameters()]
-            student.requires_grad_(False)
-        jitter = self.jitter(input_shape[-1])
         terms: dict[str, torch.Tensor] = {}
-        try:
+        with self.frozen_student(student) as frozen:
             for step in range(cfg.steps):
-                augmented = random_jitter_flip(images, jitter, self.flip)
-                self.probe.active = True
-                self.probe.tar_temperature = self._tar_temperature(step)
-                features = self.teacher.penultimate(augmented)
-                logits = self.teacher.head(features)
-                self.probe.active = False
-                bn, tar = self.probe.collect()
-                terms = {"bn": bn, "ce": F.cross_entropy(logits, targets),
-                         "tv": total_variation(augmented), "l2": augmented.pow(2).mean(), "tar": tar}
-                if use_student and (cfg.steps - 1 - step) % cfg.student_every == 0:
-                    out = student(augmented)
-                    if cfg.l_rca > 0:
-                        terms["rca"] = rca_loss(features, out.features, cfg.rca_variant)
-                    if cfg.l_adv > 0:
-                        terms["adv"] = adversarial_loss(out.logits, logits)
-                loss = sum(getattr(cfg, f"l_{name}") * value for name, value in terms.items()
-                           if getattr(cfg, f"l_{name}") > 0)
+                loss, terms = self.objective(images, targets, frozen, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
                     images.copy_(torch.maximum(torch.minimum(images, high), low))
-        finally:
-            self.probe.active = False
-            if use_student:
-                for parameter, flag in zip(student.parameters(), grad_flags):
-                    parameter.requires_grad_(flag)
-                student.train(was_training)
         return images.detach(), {name: float(value.detach()) for name, value in terms.items()}
