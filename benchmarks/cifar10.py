@@ -18,10 +18,30 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stars_deploy.distill import distill, make_config
+from stars_deploy.data import load_eval_data
+from stars_deploy.distill import distill, make_config, resolve_device
 from stars_deploy.errors import StarsDeployError
+from stars_deploy.evaluation import accuracy, predict, student_logits_fn, teacher_logits_fn
+from stars_deploy.fileio import read_json
 from stars_deploy.progress import set_quiet
-from stars_deploy.teachers import TeacherSpec
+from stars_deploy.runs import DISTILL, STUDENT
+from stars_deploy.students import load_student
+from stars_deploy.teachers import Normalizer, TeacherSpec, load_teacher
+
+
+def also_eval(config, run_dir: Path, path: Path) -> dict:
+    """Teacher and final student accuracy, and their agreement, on a second test set."""
+    data = load_eval_data(str(path))
+    device = resolve_device(config.device)
+    normalizer = Normalizer(*config.teacher.mean_std).to(device)
+    teacher = load_teacher(config.teacher, Path(config.teacher.weights)).to(device)
+    student = load_student(run_dir / STUDENT).to(device)
+    teacher_predictions = predict(teacher_logits_fn(teacher, normalizer), data.images, device)
+    student_predictions = predict(student_logits_fn(student, normalizer), data.images, device)
+    return {"also_eval": {"data": data.name, "images": len(data),
+                          "teacher_accuracy": accuracy(teacher_predictions, data.labels),
+                          "student_accuracy": accuracy(student_predictions, data.labels),
+                          "agreement": accuracy(student_predictions, teacher_predictions)}}
 
 
 def main() -> None:
@@ -37,11 +57,17 @@ def main() -> None:
     parser.add_argument("--objective", default="host", choices=["host", "rca", "tar", "stars"])
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--synthesis-steps", type=int, default=200)
+    parser.add_argument("--synthesizer", default="pixel", choices=["pixel", "generator"])
+    parser.add_argument("--synthesis-steps", type=int, default=None, help="[200 pixel, 5 generator]")
+    parser.add_argument("--teacher-bf16", action="store_true")
     parser.add_argument("--kd-steps", type=int, default=100)
     parser.add_argument("--kd-batch-size", type=int, default=256)
-    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--eval-every", type=int, default=None, help="rounds [5 pixel, 50 generator]")
+    parser.add_argument("--also-eval", type=Path, default=None,
+                        help="a second .npz to score teacher and final student on (e.g. test_lossless_200.npz)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool-memory-mb", type=float, default=8192.0,
+                        help="synthetic images kept on the device before spilling to disk")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs-dir", type=Path, default=None, help="keep the run here [a temporary folder]")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -55,19 +81,27 @@ def main() -> None:
             teacher=TeacherSpec(arch=args.teacher_arch, weights=str(args.teacher_weights),
                                 normalization=args.normalization),
             student={"family": args.student, "width": width, "depth": depth, "timesteps": args.timesteps},
-            synthesis={"batch_size": args.batch_size, "steps": args.synthesis_steps},
+            synthesis={"batch_size": args.batch_size, "method": args.synthesizer, "teacher_bf16": args.teacher_bf16,
+                       "steps": args.synthesis_steps or (200 if args.synthesizer == "pixel" else None)},
             budget_s=args.budget_s, rounds=None, kd_steps=args.kd_steps, kd_batch_size=args.kd_batch_size,
-            eval_data=args.eval_data, eval_every=args.eval_every, seed=args.seed, device=args.device)
+            eval_data=args.eval_data, eval_every=args.eval_every or (5 if args.synthesizer == "pixel" else 50),
+            seed=args.seed, device=args.device, pool_memory_mb=args.pool_memory_mb)
         with tempfile.TemporaryDirectory() as scratch:
             summary = distill(config, runs_dir=args.runs_dir or Path(scratch))
+            summary["history"] = read_json(Path(summary["run_dir"]) / DISTILL, "distill record")["history"]
+            if args.also_eval:
+                summary.update(also_eval(config, Path(summary["run_dir"]), args.also_eval))
     except StarsDeployError as exc:
         print(f"cifar10 benchmark: error: {exc}", file=sys.stderr)
         sys.exit(2)
     result = {"teacher": args.teacher_arch, "student": f"{args.student}{depth}-w{width}-T{args.timesteps}",
-              "objective": args.objective, "budget_s": args.budget_s,
+              "objective": args.objective, "synthesizer": args.synthesizer, "budget_s": args.budget_s,
+              "history": [{k: h[k] for k in ("round", "elapsed_s", "student_accuracy", "agreement")}
+                          for h in summary.get("history", []) if "student_accuracy" in h],
               **{k: summary.get(k) for k in ("teacher_accuracy", "student_accuracy", "agreement", "synthetic_images",
                                              "wall_time_s", "distill_time_s", "rounds", "device",
-                                             "synthesis_images_per_s", "kd_images_per_s", "eval_data")}}
+                                             "synthesis_images_per_s", "kd_images_per_s", "eval_data",
+                                             "also_eval")}}
     if args.json:
         print(json.dumps(result))
     else:

@@ -22,34 +22,40 @@ from stars_deploy.distill import distill, make_config, resolve_device
 from stars_deploy.progress import set_quiet
 from stars_deploy.teachers import TeacherSpec
 
-VARIANTS = {  # name -> (objective, synthesis overrides)
-    "host": ("host", {}),
-    "stars (student every 10)": ("stars", {"student_every": 10}),
-    "stars (student every step)": ("stars", {"student_every": 1}),
+VARIANTS = {  # name -> (objective, synthesis overrides, distill overrides); each adds one change
+    "host, Norse LIF": ("host", {}, {"fused_lif": False}),
+    "host": ("host", {}, {}),  # fused LIF (the default)
+    "host + bf16 teacher": ("host", {"teacher_bf16": True}, {}),
+    "host + bf16 + channels_last": ("host", {"teacher_bf16": True}, {"channels_last": True}),
+    "stars (student every 10)": ("stars", {"student_every": 10}, {}),
+    "stars (student every step)": ("stars", {"student_every": 1}, {}),
+    "generator host": ("host", {"method": "generator"}, {}),
+    "generator stars": ("stars", {"method": "generator"}, {}),
 }
+DEFAULT_VARIANTS = ["host, Norse LIF", "host", "stars (student every 10)", "generator host"]
 
 
 def measure(args, variant: str, batch_size: int, runs_dir: Path) -> dict:
-    objective, synthesis = VARIANTS[variant]
+    objective, synthesis, options = VARIANTS[variant]
+    steps = args.synthesis_steps if synthesis.get("method") != "generator" else args.generator_steps
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     config = make_config(
         objective, teacher=TeacherSpec(arch=args.teacher_arch, weights=args.teacher_weights),
         student={"family": args.student, "width": args.width, "depth": args.depth, "timesteps": args.timesteps},
-        synthesis={"batch_size": batch_size, "steps": args.synthesis_steps, **synthesis},
+        synthesis={"batch_size": batch_size, "steps": steps, **synthesis},
         rounds=args.rounds, budget_s=None, kd_steps=args.kd_steps, kd_batch_size=batch_size,
-        eval_data=None, device=args.device, checkpoint_every=10**6)
+        eval_data=None, device=args.device, checkpoint_every=10**6, **options)
     summary = distill(config, runs_dir=runs_dir)
     timings = summary["timings_s"]
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"variant": variant, "batch_size": batch_size, "device": summary["device"],
-            "synthesis_iterations_per_s": summary["rounds"] * args.synthesis_steps / timings["synthesis_s"],
+            "synthesis_iterations_per_s": summary["rounds"] * steps / timings["synthesis_s"],
             "synthetic_images_per_s": summary["synthesis_images_per_s"],
             "kd_images_per_s": summary["kd_images_per_s"],
-            "peak_memory_mib": peak / 2**20,
-            "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process max RSS (cumulative)"}
+            "peak_memory_mib": peak / 2**20}
 
 
 def main() -> None:
@@ -61,28 +67,35 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=None)
     parser.add_argument("--timesteps", type=int, default=4)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--synthesis-steps", type=int, default=20)
+    parser.add_argument("--generator-steps", type=int, default=5)
     parser.add_argument("--kd-steps", type=int, default=10)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     set_quiet(True)
+    device = resolve_device(args.device)
+    memory_kind = "cuda max allocated" if device.type == "cuda" else "process max RSS (cumulative)"
+    if not args.json:  # rows are printed as they finish, so a run cut short keeps what it measured
+        print(f"| variant | batch | device | synthesis it/s | synthetic img/s | KD img/s | peak memory MiB ({memory_kind}) |")
+        print("|---|---|---|---|---|---|---|", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as runs_dir:
+        if device.type == "cuda":  # CUDA context, cuDNN autotuning: not measured
+            measure(argparse.Namespace(**{**vars(args), "rounds": 1}), args.variants[0], args.batch_sizes[0],
+                    Path(runs_dir))
         for batch_size in args.batch_sizes:
             for variant in args.variants:
-                rows.append(measure(args, variant, batch_size, Path(runs_dir)))
+                r = measure(args, variant, batch_size, Path(runs_dir))
+                rows.append(r)
+                if not args.json:
+                    print(f"| {r['variant']} | {r['batch_size']} | {r['device']} | {r['synthesis_iterations_per_s']:.1f} "
+                          f"| {r['synthetic_images_per_s']:.0f} | {r['kd_images_per_s']:.0f} | {r['peak_memory_mib']:.0f} |",
+                          flush=True)
     if args.json:
         print(json.dumps(rows))
-        return
-    print(f"| variant | batch | device | synthesis it/s | synthetic img/s | KD img/s | peak memory MiB ({rows[0]['peak_memory_kind']}) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['batch_size']} | {r['device']} | {r['synthesis_iterations_per_s']:.1f} "
-              f"| {r['synthetic_images_per_s']:.0f} | {r['kd_images_per_s']:.0f} | {r['peak_memory_mib']:.0f} |")
-
 
 if __name__ == "__main__":
     main()
