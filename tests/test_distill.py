@@ -51,8 +51,11 @@ def _checkpoint_round(path):
         return -1
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, digits_teacher):
-    args = ["--rounds", "12", "--checkpoint-every", "1", "--no-eval", "--seed", "3", *SMALL]
+@pytest.mark.parametrize("synthesizer", ["pixel", "generator"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, digits_teacher, synthesizer):
+    # the generator host's weights and meta optimiser live in the checkpoint too
+    args = ["--rounds", "12", "--checkpoint-every", "1", "--no-eval", "--seed", "3", *SMALL,
+            "--synthesizer", synthesizer]
     reference = cli(*args, "--runs-dir", str(tmp_path / "a"), "--name", "run", cwd=tmp_path)
     victim = cli(*args, "--runs-dir", str(tmp_path / "b"), "--name", "run", cwd=tmp_path)
     checkpoint = tmp_path / "b" / "run" / "checkpoint.pt"

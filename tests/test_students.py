@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stars_deploy.errors import CheckpointError, ConfigError
-from stars_deploy.neurons import LIFConfig
+from stars_deploy.neurons import LIFConfig, set_fused_lif
 from stars_deploy.students import (StudentConfig, build_student, convnet_layout, load_student,
                                    save_student)
 
@@ -109,3 +109,25 @@ def test_a_teacher_checkpoint_is_not_a_student(tmp_path):
 def test_bad_student_configs(values, match):
     with pytest.raises(ConfigError, match=match):
         StudentConfig(**values)
+
+
+@pytest.mark.parametrize("family,depth", [("convnet", 3), ("resnet", 8)])
+def test_fused_lif_student_matches_the_norse_student(family, depth):
+    """The fast path used in distillation against the Norse reference, whole network: every
+    layer's spikes equal, logits equal, and the weight gradients equal to float rounding."""
+    torch.manual_seed(0)
+    config = StudentConfig(family=family, depth=depth, width=8, timesteps=5)
+    reference = build_student(config)
+    fast = build_student(config)
+    fast.load_state_dict(reference.state_dict())
+    assert set_fused_lif(fast, True) > 0
+    images = torch.randn(16, 1, 8, 8) * 2
+    out_ref, out_fast = reference(images), fast(images)
+    assert out_ref.spikes.keys() == out_fast.spikes.keys()
+    for name in out_ref.spikes:
+        assert torch.equal(out_ref.spikes[name], out_fast.spikes[name]), name
+    assert torch.equal(out_ref.logits, out_fast.logits)
+    out_ref.logits.square().sum().backward()
+    out_fast.logits.square().sum().backward()
+    for (name, a), b in zip(reference.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)

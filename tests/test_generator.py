@@ -1,0 +1,59 @@
+"""The generator host: images inside the teacher's pixel range, a Reptile step that moves the
+generator towards the fast weights, and refusals that name what to change."""
+
+import pytest
+import torch
+
+from stars_deploy.distill import make_config
+from stars_deploy.errors import ConfigError
+from stars_deploy.generator import GENERATOR_STEPS, GENERATOR_Z_LR, Generator, GeneratorSynthesizer
+from stars_deploy.synthesis import SynthesisConfig
+from stars_deploy.teachers import ARCHITECTURES, Normalizer
+
+
+def make(steps=3, **options):
+    torch.manual_seed(0)
+    teacher = ARCHITECTURES["digits_cnn"].build(10, 1).eval()
+    normalizer = Normalizer((0.5,), (0.25,))
+    config = SynthesisConfig(batch_size=16, steps=steps, method="generator", lr=GENERATOR_Z_LR, **options)
+    return GeneratorSynthesizer(teacher, normalizer, config, 10, allow_flip=False, input_shape=(1, 8, 8),
+                                device=torch.device("cpu")), normalizer
+
+
+def test_images_stay_in_the_normalised_pixel_range_and_the_generator_learns():
+    synthesizer, normalizer = make()
+    before = {k: v.clone() for k, v in synthesizer.generator.state_dict().items()}
+    images, terms = synthesizer.synthesize(None, (1, 8, 8), torch.device("cpu"))
+    low, high = normalizer.bounds()
+    assert images.shape == (16, 1, 8, 8) and not images.requires_grad
+    assert bool((images >= low).all() and (images <= high).all())
+    assert {"bn", "ce", "tv"} <= terms.keys() and all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+    after = synthesizer.generator.state_dict()
+    moved = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])]
+    assert "project.weight" in moved  # the Reptile step changed the slow weights
+    assert synthesizer.meta_optimizer.state  # and the meta optimiser has state to checkpoint
+
+
+def test_state_round_trip_continues_identically():
+    a, _ = make()
+    a.synthesize(None, (1, 8, 8), torch.device("cpu"))
+    b, _ = make()
+    b.load_state_dict(a.state_dict())
+    torch.manual_seed(5)
+    first, _ = a.synthesize(None, (1, 8, 8), torch.device("cpu"))
+    torch.manual_seed(5)
+    second, _ = b.synthesize(None, (1, 8, 8), torch.device("cpu"))
+    assert torch.equal(first, second)
+
+
+def test_generator_refuses_a_side_it_cannot_reach():
+    with pytest.raises(ConfigError, match="divisible by 4.*--synthesizer pixel"):
+        Generator(16, (3, 30, 30))
+
+
+def test_make_config_gives_the_generator_its_own_step_and_latent_defaults():
+    config = make_config("stars", synthesis={"method": "generator"})
+    assert config.synthesis.steps == GENERATOR_STEPS and config.synthesis.lr == GENERATOR_Z_LR
+    assert make_config(synthesis={"method": "generator", "steps": 9}).synthesis.steps == 9
+    with pytest.raises(ConfigError, match="--synthesizer 'gan'"):
+        make_config(synthesis={"method": "gan"})
