@@ -93,7 +93,21 @@ def _chain(graph: nir.NIRGraph, source: str) -> list[str]:
     for a, b in graph.edges:
         inputs_of[b].append(a)
         successors[a].append(b)
+    def reaches(start: str, goal: str) -> bool:
+        stack, seen = [start], set()
+        while stack:
+            node = stack.pop()
+            if node == goal:
+                return True
+            if node not in seen:
+                seen.add(node)
+                stack.extend(successors[node])
+        return False
+
     for name in graph.nodes:
+        if any(reaches(nxt, name) for nxt in successors[name]):
+            raise LoihiExportError(f"{source}: node {name!r} is on a cycle (recurrence); netx files here are "
+                                   "feed-forward only: remove the recurrent connection")
         if len(inputs_of[name]) > 1:
             raise LoihiExportError(f"{source}: node {name!r} sums {len(inputs_of[name])} inputs "
                                    f"({', '.join(inputs_of[name])}), a skip or merge connection; netx runs "
