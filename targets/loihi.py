@@ -204,6 +204,11 @@ class LoihiEmulator:
                             input_clipped=clipped)
 
 
+def conventions() -> str:
+    """The fixed-point conventions (states, widths, time), as one paragraph for users."""
+    return " ".join((__doc__ or "").split("State variables", 1)[1].split())
+
+
 def readout_logits(currents: torch.Tensor, layer: NetxLayer, exponent: int) -> torch.Tensor:
     """(T, B, K) float logits of a non-spiking readout from its u: (u / 64 + bias) / 2^e."""
     bias = torch.as_tensor(layer.bias, device=currents.device)
