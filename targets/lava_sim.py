@@ -17,6 +17,7 @@ keeps in its actors. Lava is optional: ``lava_available()`` says whether it impo
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import time
 import types
@@ -45,6 +46,11 @@ def import_lava() -> dict:
     object-detection subpackage (which needs cv2 and torchvision)."""
     if OBJECT_DETECTION not in sys.modules:
         sys.modules[OBJECT_DETECTION] = types.ModuleType(OBJECT_DETECTION)
+    if "lava.magma.runtime.message_infrastructure.multiprocessing" not in sys.modules and \
+            multiprocessing.get_start_method(allow_none=True) is not None:
+        # Lava calls set_start_method('fork') at import, which fails once anything (torch,
+        # onnx, joblib...) has fixed the start method; Lava needs 'fork' regardless
+        multiprocessing.set_start_method(None, force=True)
     try:
         from lava.lib.dl.netx import hdf5
         from lava.magma.core.run_conditions import RunSteps
