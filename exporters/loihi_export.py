@@ -32,10 +32,12 @@ times 4096 / vDecay below 2^23). The readout (Affine -> Output) uses a_q = 1,
 ``iDecay = 4096``, ``vDecay = 4095`` and the largest threshold: it never spikes and the
 logits of step t are ``(u_t / 64 + bias) / 2^e``.
 
-Direct encoding (the choice): the first synaptic layer runs off-chip (``netx_format``) and
-its output becomes the input layer's per-neuron 13-bit bias, with its own exponent chosen from
-the largest current any input in the valid range can give (normalised pixels of [0, 1]
-images, from the metadata's normalisation, else inputs in [0, 1]).
+Direct encoding (the choice): the first synaptic layer runs off-chip (float64, once per
+sample, ``netx_format.input_bias_mantissa``) and its output becomes a 13-bit integer per
+input-layer neuron, injected as that neuron's synaptic input every step (equal, bit for bit,
+to a bias of the same mantissa since iDecay = 4096). Its exponent is chosen from the largest
+current any input in the valid range can give (normalised pixels of [0, 1] images, from the
+metadata's normalisation, else inputs in [0, 1]), so valid inputs are never clipped.
 """
 
 from __future__ import annotations

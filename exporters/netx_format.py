@@ -24,11 +24,14 @@ Loihi neuron fields (netx semantics, the bit-accurate model adds du's 1 back):
 ``du = iDecay - 1``, ``dv = vDecay``, threshold ``vThMant << 6``, bias ``bias << 6``.
 
 Direct encoding: the first synaptic layer runs off-chip, once per sample, in float64 on the
-CPU (:func:`input_bias_mantissa`); its output ``c`` becomes the per-neuron bias mantissa of the
-input layer, ``clip(round(current_scale * c + current_offset), -4096, 4095)``: a 13-bit value
-that both the emulator and the Lava runner inject unchanged, so the first on-chip layer sees
-exactly the same integers. The input layer has no synaptic input (netx's input block leaves
-its port unconnected), so its v integrates that constant bias like the student's first LIF
+CPU (:func:`input_current`); its output ``c`` becomes one 13-bit integer per input-layer
+neuron, ``clip(round(current_scale * c + current_offset), -4096, 4095)``
+(:func:`input_bias_mantissa`), that both the emulator and the Lava runner inject unchanged as
+the neuron's synaptic input ``a_in`` at every step of the sample. With ``iDecay = 4096``
+(``u = a_in << 6``) that is, bit for bit, a per-neuron bias of the same mantissa (bias << 6):
+the 13-bit range keeps both readings valid (a bias on Loihi 1, a graded input on Loihi 2).
+The input layer has no synaptic layer of its own (netx's input block leaves its port
+unconnected), so its v integrates that constant drive like the student's first LIF
 integrates its constant input current.
 """
 

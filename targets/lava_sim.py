@@ -3,11 +3,13 @@
 ``lava.lib.dl.netx.hdf5.Network`` loads the file (with ``reset_interval = T + D``, so layer i
 resets at step i + 1 of every sample, see ``targets/loihi.py``) and runs under
 ``Loihi2SimCfg(select_tag='fixed_pt')``, i.e. Lava's bit-accurate LIF, conv and dense models.
-Samples run one after the other in one network, T + D steps each: before each sample the
-input layer's ``bias_mant`` is set to the sample's 13-bit input bias (the same integers the
-emulator uses, ``netx_format.input_bias_mantissa``). Every spiking layer's output feeds a
-``RingBuffer`` sink of T + D steps and a ``Read`` process records the last layer's u every
-step; after each sample their windows (layer i: steps i + 1 .. i + T) fill the record.
+All samples run in one continuous run, T + D steps each: a source ``RingBuffer`` sends each
+sample's 13-bit input (the same integers the emulator uses,
+``netx_format.input_bias_mantissa``) to the input layer's ``a_in`` during that sample's
+steps. Every spiking layer's output feeds a ``RingBuffer`` sink and a ``Read`` process
+records the last layer's u every step; their windows (layer i: steps i + 1 .. i + T of each
+sample) fill the record. No pause, no Var set between samples: netx's reset_interval does
+the per-sample reset.
 
 This module is the one place that knows Lava's quirks (docs/ENVIRONMENT.md): the
 ``object_detection`` stub needed to import lava-dl without cv2/torchvision, ``net.stop()`` in
@@ -56,10 +58,11 @@ def import_lava() -> dict:
         from lava.magma.core.run_conditions import RunSteps
         from lava.magma.core.run_configs import Loihi2SimCfg
         from lava.proc.io.sink import Read, RingBuffer
+        from lava.proc.io.source import RingBuffer as Source
     except ImportError as exc:
         raise LavaError(f"Lava is not installed ({exc}): run `make lava` (lava-nc 0.10.0, lava-dl 0.6.0)") from None
     return {"Network": hdf5.Network, "RunSteps": RunSteps, "Loihi2SimCfg": Loihi2SimCfg,
-            "RingBuffer": RingBuffer, "Read": Read}
+            "RingBuffer": RingBuffer, "Read": Read, "Source": Source}
 
 
 def lava_available() -> bool:
@@ -100,68 +103,60 @@ class LavaRunner:
         self.timesteps = int(self.metadata.get("timesteps", 0))
 
     def run(self, images: torch.Tensor, timesteps: int | None = None) -> TargetResult:
-        """Run normalised ``images`` (B, *input shape), one sample at a time."""
+        """Run normalised ``images`` (B, *input shape): one continuous run of B (T + D) steps."""
         lava = import_lava()
         steps = int(timesteps or self.timesteps)
         delay = self.network.pipeline_delay_steps
         period = steps + delay
         layers, meta = self.network.layers, self.metadata["layers"]
-        bias0, clipped = input_bias_mantissa(self.network.input_stage, images)
-        bias0 = bias0.numpy()
+        drive, clipped = input_bias_mantissa(self.network.input_stage, images)
+        samples = drive.shape[0]
+        total = samples * period
+        # sample n drives the input layer during its steps n P + 1 .. (n + 1) P
+        frames = np.stack([_whc(x) for x in drive.numpy()], -1).astype(np.int32)
         start = time.perf_counter()
         net = lava["Network"](net_config=str(self.path), reset_interval=period, reset_offset=0)
         if len(net.layers) != len(layers):
             raise LavaError(f"{self.path}: netx built {len(net.layers)} layers, the file describes {len(layers)}")
+        source = lava["Source"](data=np.repeat(frames, period, axis=-1))
+        source.s_out.connect(net.layers[0].neuron.a_in)
         sinks = {}
         for index, block in enumerate(net.layers):
             if meta[index]["spiking"]:
-                sinks[index] = lava["RingBuffer"](shape=block.out.shape, buffer=period)
+                sinks[index] = lava["RingBuffer"](shape=block.out.shape, buffer=total)
                 block.out.connect(sinks[index].a_in)
         reader = None
         if not meta[-1]["spiking"]:
-            reader = lava["Read"](buffer=period)
+            reader = lava["Read"](buffer=total)
             reader.connect_var(net.layers[-1].neuron.u)
-        input_neuron = net.layers[0].neuron
-        raw_spikes = {index: [] for index in sinks}
-        currents = []
-        run_cfg = lava["Loihi2SimCfg"](select_tag=SELECT_TAG)
-        startup_s = 0.0
         try:
-            for sample in range(bias0.shape[0]):
-                values = _whc(bias0[sample]).astype(np.int32)
-                if sample == 0:
-                    input_neuron.bias_mant.init = values
-                else:
-                    input_neuron.bias_mant.set(values)
-                net.run(condition=lava["RunSteps"](num_steps=period), run_cfg=run_cfg)
-                if sample == 0:
-                    startup_s = time.perf_counter() - start
-                for index, sink in sinks.items():
-                    window = _chw_steps(np.asarray(sink.data.get()))[index:index + steps]
-                    raw_spikes[index].append(window)
-                if reader is not None:
-                    currents.append(_chw_steps(np.asarray(reader.data.get()))[delay:delay + steps])
+            net.run(condition=lava["RunSteps"](num_steps=total), run_cfg=lava["Loihi2SimCfg"](select_tag=SELECT_TAG))
+            run_s = time.perf_counter() - start
+            recorded = {index: sink.data.get() for index, sink in sinks.items()}
+            currents = reader.data.get() if reader is not None else None
         except Exception as exc:
             raise LavaError(f"Lava failed running {self.path}: {type(exc).__name__}: {exc} "
                             f"{_worker_errors(net)}".strip()) from None
         finally:
             net.stop()
-        run_s = time.perf_counter() - start
-        spikes_of = {index: torch.from_numpy(np.stack(windows, 1).astype(np.int64)) > 0
-                     for index, windows in raw_spikes.items()}
+
+        def windows(data: np.ndarray, first: int) -> torch.Tensor:
+            """(total steps, ...) -> (T, B, ...): steps first + 1 .. first + T of every sample."""
+            per_sample = _chw_steps(np.asarray(data)).reshape(samples, period, *data.shape[:-1][::-1])
+            return torch.from_numpy(per_sample[:, first:first + steps].swapaxes(0, 1).astype(np.int64))
+        spikes_of = {index: windows(data, index) > 0 for index, data in recorded.items()}
         spikes = {meta[i]["spike_name"]: s.to(torch.float32) for i, s in spikes_of.items()}
         synops = {meta[i]["spike_name"]: fan_out_synops(layers[i + 1], s)
                   for i, s in spikes_of.items() if i + 1 < len(layers)}
         if reader is not None:
-            u = torch.from_numpy(np.stack(currents, 1).astype(np.int64))
-            logits_t = readout_logits(u, layers[-1], meta[-1]["exponent"])
+            logits_t = readout_logits(windows(currents, delay), layers[-1], meta[-1]["exponent"])
         else:
             logits_t = spikes_of[len(layers) - 1].flatten(2).to(torch.float32)
         return TargetResult(TARGET, logits_t, spikes, synops,
-                            {"run_s": run_s, "startup_s": startup_s, "steps_per_sample": period},
+                            {"run_s": run_s, "read_s": time.perf_counter() - start - run_s,
+                             "steps_per_sample": period},
                             latency_steps=period, pipeline_delay_steps=delay,
-                            neuron_updates=float(on_chip_neurons(self.network) * period * bias0.shape[0]),
-                            input_clipped=clipped)
+                            neuron_updates=float(on_chip_neurons(self.network) * total), input_clipped=clipped)
 
 
 def load_lava(path) -> LavaRunner:

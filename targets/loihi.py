@@ -29,6 +29,11 @@ window of layer i uses the spikes of step t of the window of layer i - 1, from z
 which is exactly the chip's window; records hold windows (T steps per layer, aligned with
 the float targets), ``latency_steps = T + D`` and ``pipeline_delay_steps = D``.
 
+Input: the off-chip first synaptic layer's output, a 13-bit integer per input-layer neuron
+(``netx_format.input_bias_mantissa``), is that neuron's synaptic input ``a_in`` at every step
+of the sample, as Lava's runner sends it (targets/lava_sim.py). With the exporter's
+``iDecay = 4096`` this is bit for bit a bias of the same mantissa (``u = a_in << 6``).
+
 Readout: for a non-spiking last layer the logits of step t are ``(u_t / 64 + bias) / 2^e``
 (``e`` its exponent, in the file's metadata); for a spiking last layer the spikes themselves.
 """
@@ -173,11 +178,13 @@ class LoihiEmulator:
             raise NetxFormatError(f"{self.source}: no number of steps in the file: give --timesteps")
         start = time.perf_counter()
         layers, meta = self.network.layers, self.metadata["layers"]
-        bias0, clipped = input_bias_mantissa(self.network.input_stage, images)
-        bias0 = bias0.to(self.device)
-        batch = bias0.shape[0]
+        drive, clipped = input_bias_mantissa(self.network.input_stage, images)
+        drive = drive.to(self.device)
+        batch = drive.shape[0]
         spikes_of, synops, spikes = [], {}, {}
-        fired, currents = cuba_run(None, bias0, layers[0], steps, tuple(bias0.shape))
+        # the input layer: the sample's input is its synaptic input a_in at every step
+        fired, currents = cuba_run(drive.unsqueeze(0).expand(steps, *drive.shape), torch.zeros((), dtype=torch.int64,
+                                   device=self.device), layers[0], steps, tuple(drive.shape))
         spikes_of.append(fired)
         for index, layer in enumerate(layers[1:], start=1):
             synapse, bias = self.synapses[index]
