@@ -12,9 +12,26 @@ DEPS = $(shell $(PYTHON) -c "import tomllib; p = tomllib.load(open('pyproject.to
 NORSE = $(shell $(PYTHON) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 	print(next(d for d in p['dependencies'] if d.startswith('norse')))")
 
-.PHONY: install demo test bench clean
+# Lava (the `lava` simulator target) is installed as docs/ENVIRONMENT.md describes: its wheels
+# declare Python < 3.11 and torch < 2.4, so they go in with --no-deps beside their real needs
+# (numpy < 2 comes pinned from constraints.txt for the whole environment), then
+# tools/patch_lava.py fixes var_model.py's dataclass defaults for Python 3.11 (idempotent).
+LAVA_STAMP := $(VENV)/.lava-installed
+LAVA = 'lava-nc==0.10.0' 'lava-dl==0.6.0'
+LAVA_DEPS = 'scipy<2' h5py 'asteval<0.10' networkx matplotlib
 
-install: $(STAMP)
+.PHONY: install lava demo test bench clean
+
+install: $(STAMP) $(LAVA_STAMP)
+
+lava: $(LAVA_STAMP)
+
+$(LAVA_STAMP): $(STAMP) tools/patch_lava.py
+	$(PIP) install -q -c constraints.txt $(LAVA_DEPS)
+	$(PIP) install -q --no-deps --ignore-requires-python $(LAVA)
+	$(BIN)/python tools/patch_lava.py
+	$(BIN)/python -c "from stars_deploy.targets.lava_sim import import_lava; import_lava()"
+	touch $@
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -314,9 +314,12 @@ class NIRReference:
         run_s = time.perf_counter() - start
         node_of = {self.spike_names.get(n, n): n for n in self.order}
         synops = {layer: self._synops(node_of[layer], s) for layer, s in spikes.items()}
+        neurons = sum(int(np.prod(self.graph.nodes[name].output_type["output"])) for name in self.order
+                      if isinstance(self.graph.nodes[name], STATEFUL))
         return TargetResult(TARGET, logits.contiguous(), spikes, synops,
                             {"run_s": run_s, "synops_s": time.perf_counter() - start - run_s},
-                            latency_steps=steps, pipeline_delay_steps=0)
+                            latency_steps=steps, pipeline_delay_steps=0,
+                            neuron_updates=float(neurons * steps * inputs.shape[-len(input_shape) - 1]))
 
     def _gather(self, name: str, values, steps: int) -> tuple[torch.Tensor, bool]:
         sources = self.inputs_of[name]

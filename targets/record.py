@@ -9,6 +9,14 @@ A record holds, for a batch of B samples run for T steps:
   timings_s      wall-clock seconds per phase
   latency_steps  steps from the first input to the decision (T, plus any pipeline delay)
   pipeline_delay_steps  steps an input needs to reach the output (0 for a float simulator)
+  neuron_updates neuron state updates over the batch (neurons x steps they are stepped)
+  input_clipped  input values that did not fit the target's input format (0 for float targets)
+
+Energy (``energy_estimate``): per-operation energies, named with their sources. Loihi 1:
+23.6 pJ per synaptic op, 3.5 pJ routing per spike and 81 pJ per neuron update (Davies et al.,
+"Loihi: A Neuromorphic Manycore Processor with On-Chip Learning", IEEE Micro 38(1), 2018,
+Table 1). Loihi 2: no primary per-operation figure is published, so the caller supplies one
+energy per operation (synaptic op or neuron update), in pJ.
 """
 
 from __future__ import annotations
@@ -16,6 +24,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+LOIHI1_SYNOP_PJ = 23.6  # Davies et al., IEEE Micro 2018, Table 1: synaptic spike op
+LOIHI1_SPIKE_ROUTING_PJ = 3.5  # same table: spike routed across one tile hop
+LOIHI1_NEURON_UPDATE_PJ = 81.0  # same table: active neuron update
+LOIHI1_SOURCE = "Davies et al., Loihi: a neuromorphic manycore processor, IEEE Micro 38(1), 2018, Table 1"
+PJ = 1e-12
+
+
+def energy_estimate(synops: float, spikes: float, neuron_updates: float,
+                    loihi2_pj_per_op: float | None = None) -> dict:
+    """Joules for the given counts: Loihi 1 from its published per-op table; Loihi 2 only when
+    the caller supplies a per-operation energy (pJ per synaptic op or neuron update)."""
+    loihi1 = (synops * LOIHI1_SYNOP_PJ + spikes * LOIHI1_SPIKE_ROUTING_PJ
+              + neuron_updates * LOIHI1_NEURON_UPDATE_PJ) * PJ
+    return {"loihi1_j": loihi1, "loihi1_source": LOIHI1_SOURCE,
+            "loihi1_pj_per_op": {"synop": LOIHI1_SYNOP_PJ, "spike_routing": LOIHI1_SPIKE_ROUTING_PJ,
+                                 "neuron_update": LOIHI1_NEURON_UPDATE_PJ},
+            "loihi2_j": None if loihi2_pj_per_op is None else (synops + neuron_updates) * loihi2_pj_per_op * PJ,
+            "loihi2_pj_per_op": loihi2_pj_per_op}
 
 
 @dataclass
@@ -27,6 +54,8 @@ class TargetResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     latency_steps: int = 0
     pipeline_delay_steps: int = 0
+    neuron_updates: float = 0.0
+    input_clipped: int = 0
 
     @property
     def logits(self) -> torch.Tensor:
@@ -55,7 +84,7 @@ class TargetResult:
     def cpu(self) -> "TargetResult":
         return TargetResult(self.target, self.logits_t.cpu(), {k: v.cpu() for k, v in self.spikes.items()},
                             dict(self.synops), dict(self.timings_s), self.latency_steps,
-                            self.pipeline_delay_steps)
+                            self.pipeline_delay_steps, self.neuron_updates, self.input_clipped)
 
 
 def concat_results(results: list[TargetResult]) -> TargetResult:
@@ -65,7 +94,8 @@ def concat_results(results: list[TargetResult]) -> TargetResult:
     return TargetResult(first.target, torch.cat([r.logits_t for r in results], 1),
                         {name: torch.cat([r.spikes[name] for r in results], 1) for name in first.spikes},
                         {name: sum(r.synops[name] for r in results) for name in first.synops},
-                        timings, first.latency_steps, first.pipeline_delay_steps)
+                        timings, first.latency_steps, first.pipeline_delay_steps,
+                        sum(r.neuron_updates for r in results), sum(r.input_clipped for r in results))
 
 
 def spike_mismatches(result: TargetResult, reference: TargetResult) -> dict[str, int]:
@@ -85,9 +115,10 @@ def spike_mismatches(result: TargetResult, reference: TargetResult) -> dict[str,
 
 
 def summarize(result: TargetResult, labels: torch.Tensor | None = None,
-              reference: TargetResult | None = None) -> dict:
+              reference: TargetResult | None = None, loihi2_pj_per_op: float | None = None) -> dict:
     """The metrics every target reports: accuracy, agreement and spike mismatches against
-    ``reference``, spikes and synaptic ops per sample, latency."""
+    ``reference``, spikes, synaptic ops and neuron updates per sample, latency, and the
+    energy estimate per sample (``energy_estimate``)."""
     samples = result.samples
     predictions = result.predictions.cpu()
     spike_counts = result.spike_counts()
@@ -103,7 +134,11 @@ def summarize(result: TargetResult, labels: torch.Tensor | None = None,
         "stable_decision_step_mean": float(result.stable_decision_steps().float().mean()),
         "timesteps": int(result.logits_t.shape[0]),
         "timings_s": result.timings_s,
+        "neuron_updates_per_sample": result.neuron_updates / samples,
+        "input_clipped": result.input_clipped,
     }
+    summary["energy_per_sample"] = energy_estimate(summary["synops_per_sample"], summary["spikes_per_sample"],
+                                                   summary["neuron_updates_per_sample"], loihi2_pj_per_op)
     if reference is not None:
         per_layer = spike_mismatches(result, reference)
         ref_predictions = reference.predictions.cpu()

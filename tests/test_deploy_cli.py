@@ -105,3 +105,63 @@ def test_export_onnx_with_the_teacher_is_recorded_and_deterministic(capsys, run_
     first = (run_dir / "export" / "student.onnx").read_bytes()
     assert run_main(capsys, "export", "--target", "onnx", run_dir, "--quiet")[0] == 0
     assert (run_dir / "export" / "student.onnx").read_bytes() == first
+
+
+@pytest.fixture
+def convnet_run_dir(tmp_path, random_student):
+    """A finished-looking run with a convnet student (the Loihi-deployable family)."""
+    student = random_student("convnet", timesteps=4)
+    config = DistillConfig(student=StudentConfig(family="convnet", width=8, depth=3, timesteps=4), rounds=1)
+    folder = tmp_path / "runs" / "c1"
+    write_json(folder / MANIFEST, {"format": RUN_FORMAT, "config": config.to_dict()})
+    save_student(folder / STUDENT, student)
+    return folder
+
+
+def test_export_loihi_prints_the_report_and_writes_the_net_file_deterministically(capsys, convnet_run_dir):
+    code, out, _ = run_main(capsys, "export", "--target", "loihi", convnet_run_dir, "--quiet")
+    assert code == 0
+    assert re.search(r"layers\.1\.lif\s+conv\s+-?\d+\s+\d+\s+2048\s+0", out)  # quantisation row
+    assert re.search(r"3\s+flatten\+dense\s+10\s+4096\s+4095\s+131071\s+\(readout: u\)", out)  # netx table
+    assert "pipeline delay: 3 steps" in out
+    net_file = convnet_run_dir / "export" / "student.net"
+    record = json.loads((convnet_run_dir / "export" / "export.json").read_text())
+    assert record["files"]["student.net"]["sha256"] == sha256_file(net_file)
+    assert [row["layer"] for row in record["quantization"]] == ["layers.0.lif", "layers.1.lif", "layers.2.lif", "readout"]
+    assert record["pipeline_delay_steps"] == 3 and record["readout"] == "current"
+    first = net_file.read_bytes()
+    assert run_main(capsys, "export", "--target", "loihi", convnet_run_dir, "--quiet")[0] == 0
+    assert net_file.read_bytes() == first
+
+
+def test_simulate_loihi_and_lava_share_the_json_keys_and_agree_exactly(capsys, convnet_run_dir):
+    assert run_main(capsys, "export", "--target", "loihi", convnet_run_dir, "--quiet")[0] == 0
+    code, out, _ = run_main(capsys, "simulate", "--target", "loihi", convnet_run_dir, "--samples", 40, "--json", "--quiet")
+    assert code == 0
+    loihi = json.loads(out)
+    assert REQUIRED_KEYS <= set(loihi) and loihi["compare"] == "student" and loihi["target"] == "loihi"
+    assert loihi["latency_steps"] == 4 + 3 and loihi["pipeline_delay_steps"] == 3
+    assert loihi["agreement"] >= 0.9 and loihi["energy_per_sample"]["loihi1_j"] > 0
+    assert json.loads((convnet_run_dir / "simulate-loihi.json").read_text())["samples"] == 40
+    code, out, _ = run_main(capsys, "simulate", "--target", "lava", convnet_run_dir, "--samples", 3,
+                            "--compare", "loihi", "--loihi2-pj-per-op", 10, "--json", "--quiet")
+    assert code == 0
+    lava = json.loads(out)
+    assert REQUIRED_KEYS <= set(lava) and set(lava) == set(loihi)
+    assert lava["spike_mismatches"] == 0 and lava["agreement"] == 1.0 and lava["max_logit_difference"] == 0
+    assert lava["energy_per_sample"]["loihi2_j"] > 0
+
+
+def test_export_loihi_takes_a_foreign_nir_file_and_refuses_a_resnet(capsys, tmp_path, run_dir):
+    path = foreign_graph(tmp_path)
+    code, _, err = run_main(capsys, "export", "--target", "loihi", path, "-T", 5, "--quiet")
+    assert code == 2 and "--dt-s" in err and "Traceback" not in err
+    code, out, _ = run_main(capsys, "export", "--target", "loihi", path, "--dt-s", 1e-4, "-T", 5, "--quiet")
+    assert code == 0 and (tmp_path / "other.net").is_file() and "(readout" not in out
+    code, out, _ = run_main(capsys, "simulate", "--target", "loihi", tmp_path / "other.net", "--samples", 20,
+                            "--compare", "nir", "--dt-s", 1e-4, "-T", 5, "--json", "--quiet")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["compare"] == "nir" and summary["agreement"] >= 0.8
+    code, _, err = run_main(capsys, "export", "--target", "loihi", run_dir, "--quiet")
+    assert code == 2 and "a skip" in err and "convnet" in err

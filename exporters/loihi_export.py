@@ -1,0 +1,360 @@
+r"""NIR graph -> Loihi CUBA fixed point -> lava-dl netx network (``netx_format``).
+
+Takes any NIR graph of this shape (ours or another tool's; it starts from the graph, never
+from a student object)::
+
+    Input -> [Flatten] -> Conv2d|Affine|Linear -> LIF            (input layer, see below)
+          -> ([Flatten] -> Conv2d|Affine|Linear -> LIF)*          (hidden layers, on chip)
+          -> [Flatten] -> Affine|Linear -> Output                 (non-spiking readout)
+             or the last LIF -> Output                            (spiking output)
+
+and refuses, naming the node and what to change, anything netx cannot run: pooling, merges
+and skips (a node with several inputs or outputs), recurrence (cycles), other node types,
+per-neuron time constants or thresholds, a reset value other than 0, and values that do not
+fit the hardware fields.
+
+Fixed point (the equations of Lava's ``PyLifModelBitAcc``; ``targets/loihi.py`` documents
+every state's width). A NIR LIF integrated by Euler at dt is
+
+.. math:: v_t = (1 - a) v_{t-1} + a (r (W z_{t-1} + b) + v_{leak}),\quad a = dt/\tau
+
+and Loihi's CUBA neuron with ``iDecay = 4096`` (u holds only the current step's input) is
+
+.. math:: V_t = V_{t-1} (4096 - vDecay) / 4096 + (w z) \ll 6 + bias \ll 6
+
+so with ``vDecay = round(4096 a)``, ``a_q = vDecay / 4096`` and one exponent ``e`` per layer
+(V = v 2^(e+6)): ``w = 2 round(a_q r W 2^e / 2)`` (8-bit mantissa, even weights in
+[-256, 254], the netx convention), ``bias = round(a_q (r b + v_leak) 2^e)`` (13-bit),
+``vThMant = round(v_th 2^e)`` (17-bit). ``e`` is the largest integer for which the weights
+fit, the threshold and bias mantissas fit, u cannot wrap (64 times the largest sum of
+same-sign weights into one neuron, plus the bias, below 2^23) and v cannot clip (that drive
+times 4096 / vDecay below 2^23). The readout (Affine -> Output) uses a_q = 1,
+``iDecay = 4096``, ``vDecay = 4095`` and the largest threshold: it never spikes and the
+logits of step t are ``(u_t / 64 + bias) / 2^e``.
+
+Direct encoding (the choice): the first synaptic layer runs off-chip (float64, once per
+sample, ``netx_format.input_bias_mantissa``) and its output becomes a 13-bit integer per
+input-layer neuron, injected as that neuron's synaptic input every step (equal, bit for bit,
+to a bias of the same mantissa since iDecay = 4096). Its exponent is chosen from the largest
+current any input in the valid range can give (normalised pixels of [0, 1] images, from the
+metadata's normalisation, else inputs in [0, 1]), so valid inputs are never clipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import nir
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stars_deploy.errors import StarsDeployError
+
+from .nir_format import decode_metadata
+from .netx_format import BIAS_MANT_MAX, NETX_FORMAT, InputStage, NetxLayer, NetxNetwork, NeuronConfig
+
+LOIHI_WEIGHT_BITS = 8  # signed mantissa; the weight is 2 * mantissa
+WEIGHT_MAX, WEIGHT_MIN = 254, -256
+DECAY_SCALE = 4096  # 12-bit decays: the state keeps (4096 - decay) / 4096 per step
+V_DECAY_MAX = 4095
+I_DECAY_NONE = 4096  # u keeps nothing of the previous step (netx writes du = 4095)
+THRESHOLD_MANT_MAX = 2**17 - 1
+ACTIVATION_SHIFT = 6  # synaptic input and bias are << 6, threshold << 6
+STATE_LIMIT = 2**23 - 1  # 24-bit signed u and v
+READOUT_V_DECAY = V_DECAY_MAX
+DEFAULT_INPUT_RANGE = (0.0, 1.0)
+SYNAPSES = (nir.Conv2d, nir.Affine, nir.Linear)
+ADVICE = {
+    nir.SumPool2d: "netx cannot run pooling: use a strided convolution instead (the convnet student family)",
+    nir.AvgPool2d: "netx cannot run pooling: use a strided convolution instead (the convnet student family)",
+    nir.CubaLIF: "only current-free LIF neurons are lowered (a synaptic current with a bias has no netx "
+                 "equivalent): export a student with tau_syn_steps=None",
+    nir.LI: "netx has no leaky-integrator output: end the graph with an Affine readout",
+    nir.IF: "only LIF neurons are lowered: give the neuron a time constant (nir.LIF)",
+    nir.Delay: "netx files hold no delays",
+}
+
+
+class LoihiExportError(StarsDeployError):
+    """A NIR graph or value that the Loihi/netx lowering cannot represent."""
+
+
+def _uniform(source: str, name: str, field: str, values) -> float:
+    array = np.asarray(values, dtype=np.float64)
+    if array.size and not np.all(array == array.flat[0]):
+        raise LoihiExportError(f"{source}: node {name!r} has per-neuron {field} ({array.min():g}..{array.max():g}); "
+                               "netx holds one value per layer: make it uniform")
+    return float(array.flat[0]) if array.size else 0.0
+
+
+def _chain(graph: nir.NIRGraph, source: str) -> list[str]:
+    """Node names from Input to Output; refuses merges, skips and cycles, naming the node."""
+    inputs_of, successors = defaultdict(list), defaultdict(list)
+    for a, b in graph.edges:
+        inputs_of[b].append(a)
+        successors[a].append(b)
+    def reaches(start: str, goal: str) -> bool:
+        stack, seen = [start], set()
+        while stack:
+            node = stack.pop()
+            if node == goal:
+                return True
+            if node not in seen:
+                seen.add(node)
+                stack.extend(successors[node])
+        return False
+
+    for name in graph.nodes:
+        if any(reaches(nxt, name) for nxt in successors[name]):
+            raise LoihiExportError(f"{source}: node {name!r} is on a cycle (recurrence); netx files here are "
+                                   "feed-forward only: remove the recurrent connection")
+        if len(inputs_of[name]) > 1:
+            raise LoihiExportError(f"{source}: node {name!r} sums {len(inputs_of[name])} inputs "
+                                   f"({', '.join(inputs_of[name])}), a skip or merge connection; netx runs "
+                                   "feed-forward chains only: use the convnet student family")
+        if len(successors[name]) > 1:
+            raise LoihiExportError(f"{source}: node {name!r} feeds {len(successors[name])} nodes "
+                                   f"({', '.join(successors[name])}), a skip connection; netx runs "
+                                   "feed-forward chains only: use the convnet student family")
+    starts = [n for n, node in graph.nodes.items() if isinstance(node, nir.Input)]
+    if len(starts) != 1:
+        raise LoihiExportError(f"{source}: the Loihi lowering needs exactly one Input node, found {len(starts)}")
+    order, name = [], starts[0]
+    while True:
+        if name in order:
+            raise LoihiExportError(f"{source}: node {name!r} is on a cycle (recurrence); netx files here "
+                                   "are feed-forward only: remove the recurrent connection")
+        order.append(name)
+        if not successors[name]:
+            break
+        name = successors[name][0]
+    if not isinstance(graph.nodes[order[-1]], nir.Output):
+        raise LoihiExportError(f"{source}: the chain from the Input ends at {order[-1]!r}, not an Output node")
+    missing = sorted(set(graph.nodes) - set(order))
+    if missing:
+        raise LoihiExportError(f"{source}: nodes {', '.join(missing)} are not on the Input->Output chain "
+                               "(recurrent or dangling connections are not supported)")
+    return order
+
+
+def _check_type(source: str, name: str, node) -> None:
+    allowed = (nir.Input, nir.Output, nir.Flatten, nir.LIF) + SYNAPSES
+    if not isinstance(node, allowed):
+        advice = ADVICE.get(type(node), "supported: Input, Conv2d, Affine, Linear, Flatten, LIF, Output")
+        raise LoihiExportError(f"{source}: node {name!r} is a {type(node).__name__}: {advice}")
+
+
+def _synapse(source: str, name: str, node) -> dict:
+    """Float64 weight, bias and geometry of a Conv2d/Affine/Linear node."""
+    weight = np.asarray(node.weight, dtype=np.float64)
+    if isinstance(node, nir.Conv2d):
+        if isinstance(node.padding, str):
+            raise LoihiExportError(f"{source}: node {name!r} uses padding {node.padding!r}; give integer padding")
+        pair = lambda v: tuple(int(x) for x in np.broadcast_to(np.atleast_1d(v), (2,)))  # noqa: E731
+        bias = np.zeros(weight.shape[0]) if node.bias is None else np.asarray(node.bias, dtype=np.float64)
+        return dict(kind="conv", weight=weight, bias=np.broadcast_to(bias, (weight.shape[0],)).copy(),
+                    stride=pair(node.stride), padding=pair(node.padding), dilation=pair(node.dilation),
+                    groups=int(node.groups), out_shape=tuple(int(s) for s in node.output_type["output"]))
+    bias = np.asarray(node.bias, dtype=np.float64) if isinstance(node, nir.Affine) else np.zeros(weight.shape[0])
+    return dict(kind="dense", weight=weight, bias=bias, out_shape=(weight.shape[0],))
+
+
+def _lif(source: str, name: str, node: nir.LIF, dt_s: float) -> dict:
+    tau = _uniform(source, name, "tau", node.tau)
+    v_reset = _uniform(source, name, "v_reset", node.v_reset)
+    if v_reset != 0:
+        raise LoihiExportError(f"{source}: node {name!r} resets to {v_reset:g}; Loihi resets v to 0: use v_reset = 0")
+    ratio = dt_s / tau
+    v_decay = round(DECAY_SCALE * ratio)
+    if not 0 < v_decay <= V_DECAY_MAX:
+        raise LoihiExportError(f"{source}: node {name!r}: dt/tau = {ratio:g} gives vDecay {v_decay}, outside the "
+                               f"12-bit range 1..{V_DECAY_MAX}; use {dt_s / (V_DECAY_MAX / DECAY_SCALE):.3g} s > tau > "
+                               f"{dt_s * 2 * DECAY_SCALE:.3g} s or another --dt-s")
+    return dict(v_decay=v_decay, a_q=v_decay / DECAY_SCALE, ratio=ratio,
+                r=_uniform(source, name, "r", node.r), v_leak=_uniform(source, name, "v_leak", node.v_leak),
+                v_th=_uniform(source, name, "v_threshold", node.v_threshold))
+
+
+def _same_sign_drive(weight: np.ndarray) -> np.ndarray:
+    """Per output neuron/channel: the larger of the sums of positive and of negative weights
+    (the most one step's input can add to u, all presynaptic neurons spiking)."""
+    flat = weight.reshape(weight.shape[0], -1)
+    return np.maximum(np.clip(flat, 0, None).sum(1), -np.clip(flat, None, 0).sum(1))
+
+
+def _quantize(source: str, name: str, weight: np.ndarray, bias: np.ndarray, v_th: float | None,
+              v_decay: int) -> tuple[int, np.ndarray, np.ndarray, int, dict]:
+    """(exponent, int weights, int bias, vThMant, report row) for float weights already in
+    units of v per step; v_th None for the never-spiking readout."""
+    largest = float(np.abs(weight).max())
+    if largest == 0:
+        raise LoihiExportError(f"{source}: node {name!r} has all-zero weights, which netx cannot load; remove the layer")
+    limits = [math.floor(math.log2(WEIGHT_MAX / largest))]
+    if v_th is not None:
+        if v_th <= 0:
+            raise LoihiExportError(f"{source}: node {name!r} has threshold {v_th:g}; Loihi needs a positive threshold")
+        limits.append(math.floor(math.log2(THRESHOLD_MANT_MAX / v_th)))
+    if np.abs(bias).max() > 0:
+        limits.append(math.floor(math.log2(BIAS_MANT_MAX / float(np.abs(bias).max()))))
+    exponent = min(limits)
+    v_limit = STATE_LIMIT if v_th is not None else THRESHOLD_MANT_MAX << ACTIVATION_SHIFT
+    while True:
+        scale = 2.0 ** exponent
+        mantissa = np.round(weight * scale / 2)
+        clipped = int(((mantissa > WEIGHT_MAX // 2) | (mantissa < WEIGHT_MIN // 2)).sum())
+        weight_int = 2 * np.clip(mantissa, WEIGHT_MIN // 2, WEIGHT_MAX // 2).astype(np.int64)
+        bias_int = np.round(bias * scale).astype(np.int64)
+        u_max = float((_same_sign_drive(weight_int) << ACTIVATION_SHIFT).max())
+        drive = float(((_same_sign_drive(weight_int) + np.abs(bias_int)) << ACTIVATION_SHIFT).max())
+        v_max = drive * DECAY_SCALE / max(v_decay, 1)
+        if u_max < 2**23 and v_max < v_limit:
+            break
+        exponent -= 1
+    v_th_mant = THRESHOLD_MANT_MAX if v_th is None else int(round(v_th * scale))
+    if v_th is not None and v_th_mant < 1:
+        raise LoihiExportError(f"{source}: node {name!r}: the threshold {v_th:g} rounds to 0 at the weight exponent "
+                               f"{exponent}; its weights are too large for its threshold: rescale them together")
+    error = weight_int / scale - weight
+    report = {"layer": name, "exponent": exponent, "scale": scale, "weight_bits": LOIHI_WEIGHT_BITS,
+              "weights": int(weight.size), "weights_clipped": clipped,
+              "weight_max_abs_error": float(np.abs(error).max()),
+              "weight_rms_relative_error": float(np.sqrt((error**2).mean() / max((weight**2).mean(), 1e-300))),
+              "bias_max_abs_error": float(np.abs(bias_int / scale - bias).max()) if bias.size else 0.0,
+              "threshold_mant": v_th_mant,
+              "threshold_error": 0.0 if v_th is None else float(v_th_mant / scale - v_th),
+              "u_max": u_max, "v_bound": v_max}
+    return exponent, weight_int, bias_int, v_th_mant, report
+
+
+def _input_bounds(stage: dict, shape: tuple[int, ...], low: np.ndarray, high: np.ndarray) -> float:
+    """The largest |c| the off-chip first layer can output for any input between low and high."""
+    w = torch.from_numpy(stage["weight"])
+    lo = torch.from_numpy(np.broadcast_to(low, shape).copy())[None]
+    hi = torch.from_numpy(np.broadcast_to(high, shape).copy())[None]
+    pos, neg = w.clamp(min=0), w.clamp(max=0)
+    if stage["kind"] == "conv":
+        def apply(weight, x):
+            return F.conv2d(x, weight, None, stage["stride"], stage["padding"], stage["dilation"], stage["groups"])
+        # zero padding is inside [lo, hi] only if 0 is; the bound with padding as 0 is then exact
+        top, bottom = apply(pos, hi) + apply(neg, lo), apply(pos, lo) + apply(neg, hi)
+        bias = torch.from_numpy(stage["bias"]).view(1, -1, 1, 1)
+    else:
+        top, bottom = F.linear(hi.flatten(1), pos) + F.linear(lo.flatten(1), neg), \
+            F.linear(lo.flatten(1), pos) + F.linear(hi.flatten(1), neg)
+        bias = torch.from_numpy(stage["bias"])[None]
+    return float(torch.maximum((top + bias).abs(), (bottom + bias).abs()).max())
+
+
+def _input_range(metadata: dict, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    normalization = metadata.get("normalization")
+    if not normalization:
+        return np.array(DEFAULT_INPUT_RANGE[0]), np.array(DEFAULT_INPUT_RANGE[1])
+    mean, std = np.asarray(normalization["mean"], np.float64), np.asarray(normalization["std"], np.float64)
+    view = (-1,) + (1,) * (len(shape) - 1)
+    low, high = (0 - mean) / std, (1 - mean) / std
+    return np.minimum(low, high).reshape(view), np.maximum(low, high).reshape(view)
+
+
+def lower_nir(graph: nir.NIRGraph, dt_s: float | None = None, timesteps: int | None = None,
+              source: str = "graph") -> tuple[NetxNetwork, list[dict]]:
+    """The netx network and the per-layer quantisation report for a NIR graph."""
+    metadata = decode_metadata(graph.metadata if isinstance(graph.metadata, dict) else {})
+    dt_s = float(dt_s if dt_s is not None else metadata.get("dt_s", math.nan))
+    if not math.isfinite(dt_s) or dt_s <= 0:
+        raise LoihiExportError(f"{source}: the graph has no metadata dt_s: give the integration step (--dt-s SECONDS)")
+    timesteps = int(timesteps or metadata.get("timesteps", 0))
+    if timesteps < 1:
+        raise LoihiExportError(f"{source}: the graph has no metadata timesteps: give --timesteps")
+    if metadata.get("reset") not in (None, "value", "zero"):
+        raise LoihiExportError(f"{source}: metadata reset = {metadata['reset']!r}; Loihi resets v to 0")
+    order = _chain(graph, source)
+    for name in order:
+        _check_type(source, name, graph.nodes[name])
+    spike_names = dict(metadata.get("spike_layers", {}))
+    input_shape = tuple(int(s) for s in graph.nodes[order[0]].input_type["input"])
+    body = order[1:-1]
+    # group into (flatten?, synapse, neuron or None)
+    stages, index = [], 0
+    while index < len(body):
+        flatten = isinstance(graph.nodes[body[index]], nir.Flatten)
+        index += flatten
+        if index >= len(body) or not isinstance(graph.nodes[body[index]], SYNAPSES):
+            where = body[index] if index < len(body) else order[-1]
+            raise LoihiExportError(f"{source}: node {where!r} must be a Conv2d, Affine or Linear synapse here; "
+                                   "the lowering needs synapse -> LIF pairs (and an optional final readout)")
+        synapse_name = body[index]
+        neuron_name = body[index + 1] if index + 1 < len(body) else None
+        if neuron_name is not None and not isinstance(graph.nodes[neuron_name], nir.LIF):
+            raise LoihiExportError(f"{source}: node {neuron_name!r} follows synapse {synapse_name!r}; "
+                                   "two synapses in a row are not lowered: fold them or put a LIF between them")
+        stages.append((flatten, synapse_name, neuron_name))
+        index += 2
+    if not stages or stages[0][2] is None:
+        raise LoihiExportError(f"{source}: the lowering needs a first synapse -> LIF layer (the input layer)")
+    layers, report, layer_meta = [], [], []
+
+    # the input layer: first synapse off-chip, its LIF on chip with the current as bias
+    _, first_synapse, first_neuron = stages[0]
+    stage = _synapse(source, first_synapse, graph.nodes[first_synapse])
+    lif = _lif(source, first_neuron, graph.nodes[first_neuron], dt_s)
+    low, high = _input_range(metadata, input_shape)
+    c_max = _input_bounds(stage, input_shape, low, high)
+    drive = lif["a_q"] * (abs(lif["r"]) * c_max + abs(lif["v_leak"]))
+    limits = [math.floor(math.log2(THRESHOLD_MANT_MAX / lif["v_th"]))] if lif["v_th"] > 0 else []
+    if not limits:
+        raise LoihiExportError(f"{source}: node {first_neuron!r} has threshold {lif['v_th']:g}; Loihi needs a positive threshold")
+    if drive > 0:
+        limits.append(math.floor(math.log2(BIAS_MANT_MAX / drive)))
+    exponent = min(limits)
+    while drive * 2.0**exponent * 2**ACTIVATION_SHIFT * DECAY_SCALE / lif["v_decay"] >= STATE_LIMIT:
+        exponent -= 1  # v would clip before the leak balances the bias
+    scale = 2.0 ** exponent
+    v_th_mant = int(round(lif["v_th"] * scale))
+    input_stage = InputStage(stage["kind"], stage["weight"], stage["bias"], lif["a_q"] * lif["r"] * scale,
+                             lif["a_q"] * lif["v_leak"] * scale, input_shape,
+                             stage.get("stride", (1, 1)), stage.get("padding", (0, 0)),
+                             stage.get("dilation", (1, 1)), stage.get("groups", 1))
+    layers.append(NetxLayer("input", stage["out_shape"], NeuronConfig(I_DECAY_NONE, lif["v_decay"], v_th_mant)))
+    report.append({"layer": first_neuron, "kind": "input", "exponent": exponent, "scale": scale,
+                   "input_current_max": c_max, "bias_mant_max": drive * scale, "bias_resolution": 1 / scale,
+                   "threshold_mant": v_th_mant, "threshold_error": v_th_mant / scale - lif["v_th"],
+                   "v_decay": lif["v_decay"], "decay_error": lif["a_q"] - lif["ratio"],
+                   "note": f"synapse {first_synapse!r} runs off-chip; its output is the 13-bit bias of the input layer"})
+    layer_meta.append({"spike_name": spike_names.get(first_neuron, first_neuron), "exponent": exponent,
+                       "spiking": True, "node": first_neuron})
+
+    for flatten, synapse_name, neuron_name in stages[1:]:
+        syn = _synapse(source, synapse_name, graph.nodes[synapse_name])
+        if neuron_name is None:  # the non-spiking readout
+            if syn["kind"] != "dense":
+                raise LoihiExportError(f"{source}: readout {synapse_name!r} is a convolution; end with an Affine readout")
+            exponent, weight, bias, v_th_mant, row = _quantize(source, synapse_name, syn["weight"], syn["bias"],
+                                                               None, READOUT_V_DECAY)
+            neuron = NeuronConfig(I_DECAY_NONE, READOUT_V_DECAY, v_th_mant)
+            row.update(kind="readout", v_decay=READOUT_V_DECAY, decay_error=0.0,
+                       note="never spikes; logits_t = (u_t / 64 + bias) / scale")
+            layer_meta.append({"spike_name": None, "exponent": exponent, "spiking": False, "node": synapse_name})
+        else:
+            lif = _lif(source, neuron_name, graph.nodes[neuron_name], dt_s)
+            factor = lif["a_q"] * lif["r"]
+            bias_float = lif["a_q"] * (lif["r"] * syn["bias"] + lif["v_leak"])
+            exponent, weight, bias, v_th_mant, row = _quantize(source, neuron_name, factor * syn["weight"],
+                                                               bias_float, lif["v_th"], lif["v_decay"])
+            neuron = NeuronConfig(I_DECAY_NONE, lif["v_decay"], v_th_mant)
+            row.update(kind=syn["kind"], v_decay=lif["v_decay"], decay_error=lif["a_q"] - lif["ratio"])
+            layer_meta.append({"spike_name": spike_names.get(neuron_name, neuron_name), "exponent": exponent,
+                               "spiking": True, "node": neuron_name})
+        layer = NetxLayer(syn["kind"], syn["out_shape"], neuron, weight, bias, flatten_before=flatten)
+        if syn["kind"] == "conv":
+            layer.stride, layer.padding, layer.dilation, layer.groups = (syn["stride"], syn["padding"],
+                                                                        syn["dilation"], syn["groups"])
+        layers.append(layer)
+        report.append(row)
+    readout = "spikes" if layer_meta[-1]["spiking"] else "current"
+    meta = {"format": NETX_FORMAT, "dt_s": dt_s, "timesteps": timesteps, "readout": readout,
+            "pipeline_delay_steps": len(layers) - 1, "layers": layer_meta,
+            "normalization": metadata.get("normalization"), "class_names": metadata.get("class_names"),
+            "source": source}
+    return NetxNetwork(layers, input_stage, meta), report

@@ -1,0 +1,164 @@
+"""Lava's own simulator running the exported ``.net``: the independent check of the emulator.
+
+``lava.lib.dl.netx.hdf5.Network`` loads the file (with ``reset_interval = T + D``, so layer i
+resets at step i + 1 of every sample, see ``targets/loihi.py``) and runs under
+``Loihi2SimCfg(select_tag='fixed_pt')``, i.e. Lava's bit-accurate LIF, conv and dense models.
+All samples run in one continuous run, T + D steps each: a source ``RingBuffer`` sends each
+sample's 13-bit input (the same integers the emulator uses,
+``netx_format.input_bias_mantissa``) to the input layer's ``a_in`` during that sample's
+steps. Every spiking layer's output feeds a ``RingBuffer`` sink and a ``Read`` process
+records the last layer's u every step; their windows (layer i: steps i + 1 .. i + T of each
+sample) fill the record. No pause, no Var set between samples: netx's reset_interval does
+the per-sample reset.
+
+This module is the one place that knows Lava's quirks (docs/ENVIRONMENT.md): the
+``object_detection`` stub needed to import lava-dl without cv2/torchvision, ``net.stop()`` in
+a ``finally`` (otherwise the interpreter hangs at exit), and the worker traceback that Lava
+keeps in its actors. Lava is optional: ``lava_available()`` says whether it imports.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stars_deploy.errors import StarsDeployError
+from stars_deploy.exporters.netx_format import input_bias_mantissa, read_network
+
+from .loihi import fan_out_synops, on_chip_neurons, readout_logits
+from .record import TargetResult
+
+TARGET = "lava"
+OBJECT_DETECTION = "lava.lib.dl.slayer.object_detection"
+SELECT_TAG = "fixed_pt"
+
+
+class LavaError(StarsDeployError):
+    """Lava is missing, or its simulator failed (the message carries the worker's error)."""
+
+
+def import_lava() -> dict:
+    """Lava's netx, run configuration and I/O processes, importing lava-dl without its
+    object-detection subpackage (which needs cv2 and torchvision)."""
+    if OBJECT_DETECTION not in sys.modules:
+        sys.modules[OBJECT_DETECTION] = types.ModuleType(OBJECT_DETECTION)
+    if "lava.magma.runtime.message_infrastructure.multiprocessing" not in sys.modules and \
+            multiprocessing.get_start_method(allow_none=True) is not None:
+        # Lava calls set_start_method('fork') at import, which fails once anything (torch,
+        # onnx, joblib...) has fixed the start method; Lava needs 'fork' regardless
+        multiprocessing.set_start_method(None, force=True)
+    try:
+        from lava.lib.dl.netx import hdf5
+        from lava.magma.core.run_conditions import RunSteps
+        from lava.magma.core.run_configs import Loihi2SimCfg
+        from lava.proc.io.sink import Read, RingBuffer
+        from lava.proc.io.source import RingBuffer as Source
+    except ImportError as exc:
+        raise LavaError(f"Lava is not installed ({exc}): run `make lava` (lava-nc 0.10.0, lava-dl 0.6.0)") from None
+    return {"Network": hdf5.Network, "RunSteps": RunSteps, "Loihi2SimCfg": Loihi2SimCfg,
+            "RingBuffer": RingBuffer, "Read": Read, "Source": Source}
+
+
+def lava_available() -> bool:
+    try:
+        import_lava()
+    except LavaError:
+        return False
+    return True
+
+
+def _worker_errors(net) -> str:
+    """The tracebacks Lava's worker processes stored (it prints only their count)."""
+    try:
+        actors = net._runtime._messaging_infrastructure.actors
+    except AttributeError:
+        return ""
+    return "; ".join(str(getattr(actor, "exception", None)) for actor in actors
+                     if getattr(actor, "exception", None) is not None)
+
+
+def _whc(array: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> Lava's (W, H, C); vectors unchanged."""
+    return array.transpose(2, 1, 0) if array.ndim == 3 else array
+
+
+def _chw_steps(data: np.ndarray) -> np.ndarray:
+    """Lava's (W, H, C, steps) or (N, steps) -> (steps, C, H, W) or (steps, N)."""
+    return data.transpose(3, 2, 1, 0) if data.ndim == 4 else data.T
+
+
+class LavaRunner:
+    """Runs a .net file in Lava's fixed-point simulator, sample by sample."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.network = read_network(self.path)
+        self.metadata = self.network.metadata
+        self.timesteps = int(self.metadata.get("timesteps", 0))
+
+    def run(self, images: torch.Tensor, timesteps: int | None = None) -> TargetResult:
+        """Run normalised ``images`` (B, *input shape): one continuous run of B (T + D) steps."""
+        lava = import_lava()
+        steps = int(timesteps or self.timesteps)
+        delay = self.network.pipeline_delay_steps
+        period = steps + delay
+        layers, meta = self.network.layers, self.metadata["layers"]
+        drive, clipped = input_bias_mantissa(self.network.input_stage, images)
+        samples = drive.shape[0]
+        total = samples * period
+        # sample n drives the input layer during its steps n P + 1 .. (n + 1) P
+        frames = np.stack([_whc(x) for x in drive.numpy()], -1).astype(np.int32)
+        start = time.perf_counter()
+        net = lava["Network"](net_config=str(self.path), reset_interval=period, reset_offset=0)
+        if len(net.layers) != len(layers):
+            raise LavaError(f"{self.path}: netx built {len(net.layers)} layers, the file describes {len(layers)}")
+        source = lava["Source"](data=np.repeat(frames, period, axis=-1))
+        source.s_out.connect(net.layers[0].neuron.a_in)
+        sinks = {}
+        for index, block in enumerate(net.layers):
+            if meta[index]["spiking"]:
+                sinks[index] = lava["RingBuffer"](shape=block.out.shape, buffer=total)
+                block.out.connect(sinks[index].a_in)
+        reader = None
+        if not meta[-1]["spiking"]:
+            reader = lava["Read"](buffer=total)
+            reader.connect_var(net.layers[-1].neuron.u)
+        try:
+            net.run(condition=lava["RunSteps"](num_steps=total), run_cfg=lava["Loihi2SimCfg"](select_tag=SELECT_TAG))
+            run_s = time.perf_counter() - start
+            recorded = {index: sink.data.get() for index, sink in sinks.items()}
+            currents = reader.data.get() if reader is not None else None
+        except Exception as exc:
+            raise LavaError(f"Lava failed running {self.path}: {type(exc).__name__}: {exc} "
+                            f"{_worker_errors(net)}".strip()) from None
+        finally:
+            net.stop()
+
+        def windows(data: np.ndarray, first: int) -> torch.Tensor:
+            """(total steps, ...) -> (T, B, ...): steps first + 1 .. first + T of every sample."""
+            per_sample = _chw_steps(np.asarray(data)).reshape(samples, period, *data.shape[:-1][::-1])
+            return torch.from_numpy(per_sample[:, first:first + steps].swapaxes(0, 1).astype(np.int64))
+        spikes_of = {index: windows(data, index) > 0 for index, data in recorded.items()}
+        spikes = {meta[i]["spike_name"]: s.to(torch.float32) for i, s in spikes_of.items()}
+        synops = {meta[i]["spike_name"]: fan_out_synops(layers[i + 1], s)
+                  for i, s in spikes_of.items() if i + 1 < len(layers)}
+        if reader is not None:
+            logits_t = readout_logits(windows(currents, delay), layers[-1], meta[-1]["exponent"])
+        else:
+            logits_t = spikes_of[len(layers) - 1].flatten(2).to(torch.float32)
+        return TargetResult(TARGET, logits_t, spikes, synops,
+                            {"run_s": run_s, "read_s": time.perf_counter() - start - run_s,
+                             "steps_per_sample": period},
+                            latency_steps=period, pipeline_delay_steps=delay,
+                            neuron_updates=float(on_chip_neurons(self.network) * total), input_clipped=clipped)
+
+
+def load_lava(path) -> LavaRunner:
+    """Prepare Lava's simulator for a .net file (Lava itself is imported when it runs)."""
+    return LavaRunner(path)

@@ -1,0 +1,243 @@
+r"""Bit-accurate emulator of the Loihi CUBA fixed point, reading the exported ``.net`` file.
+
+It computes what Lava's ``PyLifModelBitAcc`` (via netx's LIFReset), ``PyConvModelFixed`` and
+``PyDenseModelBitAcc`` compute, vectorised over a batch in torch int64 on CPU or CUDA.
+
+State variables (per neuron, per step; widths as on Loihi):
+
+- ``a_in``  synaptic input, integer. Conv: the 24-bit wrapped sum ``(x + 2^23) mod 2^24 - 2^23``
+  of weight x spike; dense: ``(sum w' s) << e`` or ``>> -e`` (arithmetic) with w' and e as netx's
+  ``optimize_weight_bits`` and Lava's ``clip_weights``/``truncate_weights`` make them from the
+  file's weights (``netx_dense_weights``). Sums are taken in float64 (exact below 2^53, the
+  exporter keeps them below 2^23) and rounded to int64.
+- ``u``  current, 24-bit signed: ``u = sign(u) ((|u| (4096 - iDecay)) >> 12) + (a_in << 6)``
+  with ``iDecay = du + 1`` (netx passes ``du = iDecay - 1``, the model adds the 1 back), then
+  wrapped once: ``u > 2^23 -> u - 2^24``, ``u <= -2^23 -> u + 2^24``.
+- ``v``  voltage, 24-bit signed, clipped: ``v = sign(v) ((|v| (4096 - vDecay)) >> 12) + u +
+  (bias << 6)``, ``v in [-(2^23 - 1), 2^23 - 1]``.
+- threshold ``vThMant << 6`` (17-bit mantissa, 0..131071); spike when ``v > vThMant << 6``
+  (strict), then ``v = 0`` (u keeps its value).
+- decays: 12-bit, ``iDecay`` 0..4096 (4096: u holds only this step's input), ``vDecay`` 0..4095.
+- bias: 13-bit signed mantissa (-4096..4095) with the exponent 6 netx fixes.
+
+Time. Every synaptic connection delays by one step, so on the chip layer i (0 = the input
+layer) sees its first input of a sample at step i + 1, and the last layer answers D steps
+late (D = layers - 1, the pipeline delay). Lava runs each sample for T + D steps with netx's
+``reset_interval = T + D``: layer i resets u and v at step i + 1, so its *window* is steps
+i + 1 .. i + T. The emulator computes every layer directly in window time (step t of the
+window of layer i uses the spikes of step t of the window of layer i - 1, from zero state),
+which is exactly the chip's window; records hold windows (T steps per layer, aligned with
+the float targets), ``latency_steps = T + D`` and ``pipeline_delay_steps = D``.
+
+Input: the off-chip first synaptic layer's output, a 13-bit integer per input-layer neuron
+(``netx_format.input_bias_mantissa``), is that neuron's synaptic input ``a_in`` at every step
+of the sample, as Lava's runner sends it (targets/lava_sim.py). With the exporter's
+``iDecay = 4096`` this is bit for bit a bias of the same mantissa (``u = a_in << 6``).
+
+Readout: for a non-spiking last layer the logits of step t are ``(u_t / 64 + bias) / 2^e``
+(``e`` its exponent, in the file's metadata); for a spiking last layer the spikes themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stars_deploy.exporters.netx_format import (NetxFormatError, NetxLayer, NetxNetwork, input_bias_mantissa,
+                                                read_network)
+
+from .record import TargetResult
+
+TARGET = "loihi"
+DECAY_SHIFT = 12
+DECAY_UNITY = 1 << DECAY_SHIFT
+ACTIVATION_SHIFT = 6
+THRESHOLD_SHIFT = 6
+BIAS_EXP = 6  # netx fixes the bias exponent
+STATE_HALF_RANGE = 1 << 23  # u and v are 24-bit signed
+CONV_SUM_BITS = 24  # Lava's fixed-point conv wraps its output to 24 bits
+NETX_WEIGHT_MAX, NETX_WEIGHT_MIN = 254, -256
+
+
+def netx_dense_weights(weight: np.ndarray, source: str = "dense layer") -> tuple[np.ndarray, int]:
+    """(the integers Lava's Dense multiplies, the exponent it shifts their sum by) for a dense
+    weight matrix as the file holds it: netx's ``optimize_weight_bits``, then Lava's
+    ``clip_weights(8 bits)`` and ``truncate_weights``, reproduced step by step."""
+    w = np.asarray(weight).astype(np.int64)
+    max_w, min_w = int(w.max()), int(w.min())
+    if max_w == min_w == 0:
+        raise NetxFormatError(f"{source}: all-zero dense weights, which netx cannot load")
+    if max_w > NETX_WEIGHT_MAX and min_w < 0:
+        w = np.clip(w, NETX_WEIGHT_MIN, NETX_WEIGHT_MAX)
+        max_w = int(w.max())
+    if min_w < NETX_WEIGHT_MIN and max_w > 0:
+        w = np.clip(w, NETX_WEIGHT_MIN, NETX_WEIGHT_MAX)
+        min_w = int(w.min())
+    if max_w < 0:
+        scale, signed = -256 / min_w, 0
+    elif min_w >= 0:
+        scale, signed = 255 / max_w, 0
+    else:
+        scale, signed = min(127 / max_w if max_w > 0 else math.inf, -128 / min_w), 1
+    scale_bits = math.floor(math.log2(scale)) + signed
+    if scale_bits < 0:
+        raise NetxFormatError(f"{source}: weights {min_w}..{max_w} make netx shift them by {scale_bits} bits; "
+                              "keep dense weights within -256..254")
+    n = 8
+    while n > 0 and np.any(w % (1 << n)):
+        n -= 1
+    n -= signed
+    num_weight_bits = 8 - scale_bits - n
+    w = w << scale_bits
+    # Lava's PyDenseModelBitAcc: sign mode of the shifted weights, clip to 8 bits, truncate
+    if w.min() >= 0:
+        mixed, inhibitory = 0, False
+    elif w.max() <= 0:
+        mixed, inhibitory = 0, True
+    else:
+        mixed, inhibitory = 1, False
+    if inhibitory:
+        w = -w
+    w = np.clip(w, -256 * mixed, 255)
+    shift = 8 - num_weight_bits + mixed
+    w = (w >> shift) << shift
+    if inhibitory:
+        w = -w
+    return w, -scale_bits
+
+
+def _decay(state: torch.Tensor, decay: int) -> torch.Tensor:
+    """sign(x) * ((|x| * (4096 - decay)) >> 12): Loihi's decay, truncating toward zero."""
+    return torch.sign(state) * ((state.abs() * (DECAY_UNITY - decay)) >> DECAY_SHIFT)
+
+
+def cuba_run(a_in: torch.Tensor | None, bias: torch.Tensor, layer: NetxLayer, steps: int,
+             shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(spikes (T, B, ...) bool, u (T, B, ...) int64) of one CUBA layer over its window,
+    from zero state; ``a_in`` (T, B, ...) int64 or None (no synaptic input), ``bias`` the
+    bias mantissa broadcastable to (B, ...)."""
+    neuron = layer.neuron
+    i_decay = (neuron.i_decay - 1) + 1  # netx's du = iDecay - 1, the model's ds_offset = 1
+    threshold = neuron.v_th_mant << THRESHOLD_SHIFT
+    bias_eff = bias << BIAS_EXP
+    u = torch.zeros(shape, dtype=torch.int64, device=bias.device)
+    v = torch.zeros_like(u)
+    spikes, currents = [], []
+    for step in range(steps):
+        u = _decay(u, i_decay)
+        if a_in is not None:
+            u = u + (a_in[step] << ACTIVATION_SHIFT)
+        u = torch.where(u > STATE_HALF_RANGE, u - 2 * STATE_HALF_RANGE, u)
+        u = torch.where(u <= -STATE_HALF_RANGE, u + 2 * STATE_HALF_RANGE, u)
+        v = (_decay(v, neuron.v_decay) + u + bias_eff).clamp(-STATE_HALF_RANGE + 1, STATE_HALF_RANGE - 1)
+        fired = v > threshold
+        v = torch.where(fired, torch.zeros_like(v), v)
+        spikes.append(fired)
+        currents.append(u)
+    return torch.stack(spikes), torch.stack(currents)
+
+
+class LoihiEmulator:
+    """Runs a ``.net`` file for T steps on a batch; returns a TargetResult (window time)."""
+
+    def __init__(self, network: NetxNetwork, device: str | torch.device = "cpu", source: str = "network"):
+        self.network, self.source, self.device = network, source, torch.device(device)
+        self.metadata = network.metadata
+        self.timesteps = int(self.metadata.get("timesteps", 0))
+        self.synapses = [None] + [self._synapse(i, layer) for i, layer in enumerate(network.layers) if i > 0]
+
+    def _synapse(self, index: int, layer: NetxLayer):
+        dev = self.device
+        bias = torch.as_tensor(layer.bias if layer.bias is not None else np.zeros(1, np.int64), device=dev)
+        if layer.kind == "conv":
+            weight = torch.as_tensor(layer.weight, dtype=torch.float64, device=dev)
+            geometry = (layer.stride, layer.padding, layer.dilation, layer.groups)
+            half = 1 << (CONV_SUM_BITS - 1)
+
+            def conv(spikes):
+                total = F.conv2d(spikes.to(torch.float64), weight, None, *geometry).round().to(torch.int64)
+                return (total + half) % (2 * half) - half  # Lava's signed_clamp: a 24-bit wrap
+            return conv, bias.view(-1, 1, 1)
+        weights, exponent = netx_dense_weights(layer.weight, f"{self.source} layer {index}")
+        weight = torch.as_tensor(weights, dtype=torch.float64, device=dev)
+
+        def dense(spikes):
+            total = F.linear(spikes.flatten(1).to(torch.float64), weight).round().to(torch.int64)
+            return total << exponent if exponent > 0 else total >> -exponent
+        return dense, bias
+
+    @torch.no_grad()
+    def run(self, images: torch.Tensor, timesteps: int | None = None) -> TargetResult:
+        """Run normalised ``images`` (B, *input shape); spikes and logits over the T-step windows."""
+        steps = int(timesteps or self.timesteps)
+        if steps < 1:
+            raise NetxFormatError(f"{self.source}: no number of steps in the file: give --timesteps")
+        start = time.perf_counter()
+        layers, meta = self.network.layers, self.metadata["layers"]
+        drive, clipped = input_bias_mantissa(self.network.input_stage, images)
+        drive = drive.to(self.device)
+        batch = drive.shape[0]
+        spikes_of, synops, spikes = [], {}, {}
+        # the input layer: the sample's input is its synaptic input a_in at every step
+        fired, currents = cuba_run(drive.unsqueeze(0).expand(steps, *drive.shape), torch.zeros((), dtype=torch.int64,
+                                   device=self.device), layers[0], steps, tuple(drive.shape))
+        spikes_of.append(fired)
+        for index, layer in enumerate(layers[1:], start=1):
+            synapse, bias = self.synapses[index]
+            previous = spikes_of[-1]
+            a_in = synapse(previous.flatten(0, 1)).unflatten(0, (steps, batch))
+            fired, currents = cuba_run(a_in, bias, layer, steps, (batch, *a_in.shape[2:]))
+            spikes_of.append(fired)
+        for index, layer_spikes in enumerate(spikes_of):
+            if meta[index]["spiking"]:
+                spikes[meta[index]["spike_name"]] = layer_spikes.to(torch.float32)
+        for index in range(len(layers) - 1):
+            if meta[index]["spiking"]:
+                synops[meta[index]["spike_name"]] = fan_out_synops(layers[index + 1], spikes_of[index])
+        if meta[-1]["spiking"]:
+            logits_t = spikes_of[-1].flatten(2).to(torch.float32)
+        else:
+            logits_t = readout_logits(currents, layers[-1], meta[-1]["exponent"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        delay = self.network.pipeline_delay_steps
+        return TargetResult(TARGET, logits_t, spikes, synops, {"run_s": time.perf_counter() - start},
+                            latency_steps=steps + delay, pipeline_delay_steps=delay,
+                            neuron_updates=float(on_chip_neurons(self.network) * (steps + delay) * batch),
+                            input_clipped=clipped)
+
+
+def conventions() -> str:
+    """The fixed-point conventions (states, widths, time), as one paragraph for users."""
+    return " ".join((__doc__ or "").split("State variables", 1)[1].split())
+
+
+def readout_logits(currents: torch.Tensor, layer: NetxLayer, exponent: int) -> torch.Tensor:
+    """(T, B, K) float logits of a non-spiking readout from its u: (u / 64 + bias) / 2^e."""
+    bias = torch.as_tensor(layer.bias, device=currents.device)
+    return ((currents >> ACTIVATION_SHIFT) + bias).to(torch.float64).div(2.0 ** exponent).to(torch.float32)
+
+
+def on_chip_neurons(network: NetxNetwork) -> int:
+    return sum(int(np.prod(layer.shape)) for layer in network.layers)
+
+
+def fan_out_synops(target: NetxLayer, spikes: torch.Tensor) -> float:
+    """Synaptic events the (T, B, ...) ``spikes`` cause in the next layer ``target``."""
+    flat = spikes.flatten(0, 1).to(torch.float32)
+    if target.kind == "dense":
+        return float(flat.sum()) * int(target.weight.shape[0])
+    if target.groups != 1:
+        return float(flat.sum()) * int(target.weight[0].size)
+    ones = torch.ones((1, 1, *target.weight.shape[2:]), device=flat.device)
+    hits = F.conv2d(flat.sum(1, keepdim=True), ones, None, target.stride, target.padding, target.dilation)
+    return float(hits.sum()) * int(target.weight.shape[0])
+
+
+def load_emulator(path, device: str = "cpu") -> LoihiEmulator:
+    """Read a .net file and prepare the emulator for it."""
+    return LoihiEmulator(read_network(path), device=device, source=str(path))
