@@ -254,3 +254,7 @@ from .deploy_cli import export as _export, simulate as _simulate  # noqa: E402
 
 cli.add_command(_export)
 cli.add_command(_simulate)
+
+from .ci_cli import check as _check  # noqa: E402
+
+cli.add_command(_check)

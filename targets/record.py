@@ -74,6 +74,16 @@ class TargetResult:
         """Spikes per layer, summed over the batch and the steps."""
         return {name: int(spikes.sum().item()) for name, spikes in self.spikes.items()}
 
+    def firing_rates(self) -> dict[str, float]:
+        """Per layer: the mean firing rate, spikes per neuron per step over the batch."""
+        return {name: float(spikes.float().mean()) for name, spikes in self.spikes.items()}
+
+    def accuracy_by_step(self, labels: torch.Tensor) -> list[float]:
+        """Accuracy of the running-mean decision after 1, 2, ..., T steps: what the target
+        scores when run for fewer steps (the input is constant, so a shorter run is a prefix)."""
+        running = self.logits_t.cumsum(0).argmax(2).cpu()  # (T, B)
+        return [float(v) for v in (running == labels.view(1, -1)).float().mean(1)]
+
     def stable_decision_steps(self) -> torch.Tensor:
         """(B,) first step (1-based) from which the running-mean prediction never changes."""
         running = self.logits_t.cumsum(0).argmax(2)  # (T, B); argmax of the sum == of the mean
@@ -136,6 +146,8 @@ def summarize(result: TargetResult, labels: torch.Tensor | None = None,
         "timings_s": result.timings_s,
         "neuron_updates_per_sample": result.neuron_updates / samples,
         "input_clipped": result.input_clipped,
+        "firing_rate_per_layer": result.firing_rates(),
+        "accuracy_by_step": result.accuracy_by_step(labels) if labels is not None else None,
     }
     summary["energy_per_sample"] = energy_estimate(summary["synops_per_sample"], summary["spikes_per_sample"],
                                                    summary["neuron_updates_per_sample"], loihi2_pj_per_op)
@@ -149,5 +161,21 @@ def summarize(result: TargetResult, labels: torch.Tensor | None = None,
             agreement=float((predictions == ref_predictions).float().mean()),
             spike_mismatches=sum(per_layer.values()), spike_mismatches_per_layer=per_layer,
             max_logit_difference=float((result.logits_t.cpu() - reference.logits_t.cpu()).abs().max()),
+            reference_firing_rate_per_layer=reference.firing_rates(),
+            reference_accuracy_by_step=reference.accuracy_by_step(labels) if labels is not None else None,
         )
+        summary["activity_similarity"] = activity_similarity(summary["firing_rate_per_layer"],
+                                                             summary["reference_firing_rate_per_layer"])
     return summary
+
+
+def activity_similarity(rates: dict[str, float], reference_rates: dict[str, float]) -> float | None:
+    """Cosine similarity of the per-layer mean firing rates (layers both records have):
+    1 when every layer fires in the same proportions, lower as the activity profile drifts.
+    None when either profile is all zero."""
+    names = [name for name in reference_rates if name in rates]
+    a = torch.tensor([rates[n] for n in names], dtype=torch.float64)
+    b = torch.tensor([reference_rates[n] for n in names], dtype=torch.float64)
+    if not names or a.norm() == 0 or b.norm() == 0:
+        return None
+    return float(a @ b / (a.norm() * b.norm()))

@@ -19,7 +19,7 @@ from stars_deploy.data import load_eval_data
 from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import write_json
 from stars_deploy.progress import log
-from stars_deploy.runs import STUDENT
+from stars_deploy.runs import STUDENT, sha256_file
 from stars_deploy.teachers import Normalizer
 
 from .record import TargetResult, concat_results, summarize
@@ -141,8 +141,10 @@ def simulate(path: Path, target: str = "nir", data: str = "digits", samples: int
     result = concat_results(results)
     summary = summarize(result, eval_data.labels, concat_results(references) if references else None,
                         loihi2_pj_per_op=loihi2_pj_per_op)
-    summary.update(file=str(file), data=eval_data.name, compare=compare, conventions=conventions,
-                   latency_note=LATENCY_NOTES[target])
+    summary.update(file=str(file), file_sha256=sha256_file(file), data=eval_data.name, compare=compare,
+                   request={"data": data, "samples": samples, "compare": compare, "dt_s": dt_s,
+                            "timesteps": timesteps, "loihi2_pj_per_op": loihi2_pj_per_op},
+                   conventions=conventions, latency_note=LATENCY_NOTES[target])
     summary.setdefault("reference", None)
     for key in ("reference_accuracy", "agreement", "spike_mismatches"):
         summary.setdefault(key, None)

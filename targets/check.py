@@ -1,0 +1,77 @@
+"""``stars-deploy check``: simulate a run's exported file (or reuse a result that is still up to
+date) and judge it against gates (targets/gates.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stars_deploy.errors import ConfigError
+from stars_deploy.fileio import read_json
+from stars_deploy.progress import log
+from stars_deploy.runs import MANIFEST, STUDENT, sha256_file
+
+from .gates import GATES, evaluate, load_check_config, measured_values
+from .simulate import TARGETS, resolve_file, simulate
+
+DEFAULT_TARGET = "loihi"
+
+
+def _default_data(run_dir: Path) -> str:
+    """The data the run was evaluated on, when it names any; else the embedded digits."""
+    manifest = run_dir / MANIFEST
+    if manifest.is_file():
+        eval_data = read_json(manifest, "run manifest").get("config", {}).get("eval_data")
+        if eval_data:
+            return eval_data
+    return "digits"
+
+
+def _reusable(run_dir: Path, target: str, file: Path, request: dict) -> dict | None:
+    """The stored simulate-<target>.json when it was made from this very file with this request."""
+    stored = run_dir / f"simulate-{target}.json"
+    if not stored.is_file():
+        return None
+    summary = read_json(stored, "simulation result")
+    if summary.get("file_sha256") != sha256_file(file) or summary.get("request") != request:
+        return None
+    return summary
+
+
+def check(run_dir: Path, target: str | None = None, limits: dict | None = None, data: str | None = None,
+          samples: int | None = None, config: Path | None = None, rerun: bool = False,
+          device: str = "cpu", config_directory: Path = Path(".")) -> dict:
+    """Gate a run's ``target`` simulation. ``limits`` (gate name -> limit) override the config
+    file's. Returns the gate rows, the measured values and whether every gate passed."""
+    run_dir = Path(run_dir)
+    if not (run_dir / STUDENT).is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {STUDENT}): check compares a target with "
+                          "the run's float student")
+    settings, config_file = load_check_config(config, None, config_directory)
+    target = target or settings.get("target") or DEFAULT_TARGET
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+    if config_file is not None:  # now that the target is known, with its own sub-table
+        settings, _ = load_check_config(config_file, target)
+    gates = {name: settings[name] for name in GATES if name in settings}
+    gates.update({name: value for name, value in (limits or {}).items() if value is not None})
+    if not gates:
+        where = f" or in {config_file}" if config_file else " (or a [check] table in stars-deploy.toml / pyproject.toml)"
+        raise ConfigError(f"no gates to check: give at least one, e.g. --min-accuracy 0.9{where}")
+    data = data or settings.get("data") or _default_data(run_dir)
+    samples = samples if samples is not None else settings.get("samples")
+    if samples is not None and samples < 1:
+        raise ConfigError(f"samples must be at least 1, got {samples}")
+    file, _ = resolve_file(run_dir, target)
+    request = {"data": data, "samples": samples, "compare": "student", "dt_s": None, "timesteps": None,
+               "loihi2_pj_per_op": None}
+    summary = None if rerun else _reusable(run_dir, target, file, request)
+    reused = summary is not None
+    if reused:
+        log(f"reusing {run_dir / f'simulate-{target}.json'} (made from this {file.name})")
+    else:
+        summary = simulate(run_dir, target, data, samples, compare="student", device=device)
+    values = measured_values(summary)
+    rows = evaluate(gates, values)
+    return {"run_dir": str(run_dir), "target": target, "file": str(file), "data": summary["data"],
+            "samples": summary["samples"], "reused": reused, "config_file": str(config_file) if config_file else None,
+            "passed": all(row["passed"] for row in rows), "gates": rows, "measured": values}
