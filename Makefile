@@ -20,7 +20,11 @@ LAVA_STAMP := $(VENV)/.lava-installed
 LAVA = 'lava-nc==0.10.0' 'lava-dl==0.6.0'
 LAVA_DEPS = 'scipy<2' h5py 'asteval<0.10' networkx matplotlib
 
-.PHONY: install lava demo test bench clean
+# The report test opens the page in a real headless browser: Debian's chromium and its driver.
+BROWSER_PACKAGES = chromium chromium-driver
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install lava browser demo test bench clean
 
 install: $(STAMP) $(LAVA_STAMP)
 
@@ -45,7 +49,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: install
 	$(BIN)/stars-deploy distill
 
-test: install
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(BROWSER_PACKAGES))
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 bench: install

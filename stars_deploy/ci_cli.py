@@ -76,3 +76,50 @@ def check(ctx, run_dir, target, data, samples, config, rerun, junit_xml, device,
         print_gates(result)
     if not result["passed"]:
         ctx.exit(GATE_FAILED)
+
+
+@click.command()
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--data", default=None, help="For targets not simulated yet [the run's evaluation data].")
+@click.option("--samples", type=int, default=None, help="Only the first N images, for targets not simulated yet.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@json_option
+@quiet_option
+def report(run_dir, data, samples, device, runs_dir, as_json, quiet):
+    """Write RUN_DIR/report.html (self-contained, PNG plots) and RUN_DIR/plots/ (default: the latest run)."""
+    from stars_deploy.targets.report import write_report
+
+    set_quiet(quiet)
+    if samples is not None and samples < 1:
+        raise click.UsageError("--samples must be at least 1")
+    payload = write_report(_run_dir(run_dir, runs_dir), data, samples, device)
+    emit(payload, as_json, [("report", payload["report"]), ("plots", ", ".join(payload["plots"]) or "none"),
+                            ("targets", ", ".join(payload["targets"]) or "none")])
+
+
+@click.command()
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--device", default="cpu", show_default=True, help="For the simulations (distill has its own).")
+@json_option
+@quiet_option
+@click.pass_context
+def pipeline(ctx, config, device, as_json, quiet):
+    """Distill -> export -> simulate and check -> report, as CONFIG (TOML) says. Exit 0 when every
+    gate passes, 1 when one fails, 2 on a usage or input error."""
+    from .pipeline import run_pipeline
+
+    set_quiet(quiet)
+    result = run_pipeline(config, device)
+    if as_json:
+        emit(result, True, [])
+    else:
+        distilled = result["distill"]
+        click.echo(f"run {result['run_dir']}: student {distilled.get('student_accuracy', float('nan')):.1%}, "
+                   f"{distilled['rounds']} rounds; exported {', '.join(result['exports']) or 'nothing'}")
+        for outcome in result["checks"].values():
+            print_gates(outcome)
+        if "report" in result:
+            click.echo(f"report: {result['report']}")
+    if not result["passed"]:
+        ctx.exit(GATE_FAILED)

@@ -67,6 +67,36 @@ def make_teacher_spec(arch: str, weights: Path | None, normalization: str, num_c
     return spec
 
 
+def distill_config(arch, weights, normalization, num_classes, family, width, depth, timesteps, tau_mem_steps,
+                   tau_syn_steps, surrogate, surrogate_alpha, objective, host, method, generator_lr, rounds,
+                   budget_s, batch_size, synthesis_steps, synthesis_lr, l_bn, l_ce, l_adv, l_tv, l_l2, l_rca,
+                   l_tar, b_rca, rca_variant, student_every, kd_steps, kd_batch_size, kd_lr, kd_temperature,
+                   kd_mode, seed, eval_data, no_eval, eval_every, checkpoint_every, pool_memory_mb, device,
+                   teacher_bf16, channels_last, norse_lif):
+    """The DistillConfig for `distill`'s options (also used by `pipeline` for its [distill] table)."""
+    from .distill import make_config
+
+    spec = make_teacher_spec(arch, weights, normalization, num_classes)
+    if family == "resnet":
+        width, depth = width or 16, depth or 8
+    if budget_s is None and rounds is None:
+        budget_s = DEFAULT_BUDGET_S
+    return make_config(
+        objective, teacher=spec, host=host,
+        student={"family": family, "width": width, "depth": depth, "timesteps": timesteps},
+        lif={"tau_mem_steps": tau_mem_steps, "tau_syn_steps": tau_syn_steps, "surrogate": surrogate,
+             "surrogate_alpha": surrogate_alpha},
+        synthesis={"batch_size": batch_size, "steps": synthesis_steps, "lr": synthesis_lr, "l_bn": l_bn,
+                   "l_ce": l_ce, "l_adv": l_adv, "l_tv": l_tv, "l_l2": l_l2, "l_rca": l_rca,
+                   "l_tar": l_tar, "rca_variant": rca_variant, "student_every": student_every,
+                   "method": method, "generator_lr": generator_lr, "teacher_bf16": teacher_bf16},
+        rounds=rounds, budget_s=budget_s, b_rca=b_rca, kd_steps=kd_steps, kd_batch_size=kd_batch_size,
+        kd_lr=kd_lr, kd_temperature=kd_temperature, kd_mode=kd_mode, seed=seed,
+        eval_data=None if no_eval else (eval_data or "auto"), eval_every=eval_every,
+        checkpoint_every=checkpoint_every, pool_memory_mb=pool_memory_mb, device=device,
+        channels_last=channels_last, fused_lif=not norse_lif)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="stars-deploy")
 def cli():
@@ -132,41 +162,13 @@ def cli():
               help="Continue the run in this directory from its last checkpoint (other options ignored).")
 @json_option
 @quiet_option
-def distill(arch, weights, normalization, num_classes, family, width, depth, timesteps, tau_mem_steps,
-            tau_syn_steps, surrogate, surrogate_alpha, objective, host, method, generator_lr, rounds, budget_s,
-            batch_size,
-            synthesis_steps, synthesis_lr, l_bn, l_ce, l_adv, l_tv, l_l2, l_rca, l_tar, b_rca,
-            rca_variant, student_every, kd_steps, kd_batch_size, kd_lr, kd_temperature, kd_mode, seed,
-            eval_data, no_eval, eval_every, checkpoint_every, pool_memory_mb, device, teacher_bf16,
-            channels_last, norse_lif, runs_dir, run_name,
-            resume, as_json, quiet):
+def distill(runs_dir, run_name, resume, as_json, quiet, **options):
     """Distil a spiking student from a teacher alone. With no options: the embedded default
     (digits teacher -> spiking convnet -> evaluation on held-out digits)."""
     from .distill import distill as run_distill
-    from .distill import make_config
 
     set_quiet(quiet)
-    config = None
-    if resume is None:
-        spec = make_teacher_spec(arch, weights, normalization, num_classes)
-        if family == "resnet":
-            width, depth = width or 16, depth or 8
-        if budget_s is None and rounds is None:
-            budget_s = DEFAULT_BUDGET_S
-        config = make_config(
-            objective, teacher=spec, host=host,
-            student={"family": family, "width": width, "depth": depth, "timesteps": timesteps},
-            lif={"tau_mem_steps": tau_mem_steps, "tau_syn_steps": tau_syn_steps, "surrogate": surrogate,
-                 "surrogate_alpha": surrogate_alpha},
-            synthesis={"batch_size": batch_size, "steps": synthesis_steps, "lr": synthesis_lr, "l_bn": l_bn,
-                       "l_ce": l_ce, "l_adv": l_adv, "l_tv": l_tv, "l_l2": l_l2, "l_rca": l_rca,
-                       "l_tar": l_tar, "rca_variant": rca_variant, "student_every": student_every,
-                       "method": method, "generator_lr": generator_lr, "teacher_bf16": teacher_bf16},
-            rounds=rounds, budget_s=budget_s, b_rca=b_rca, kd_steps=kd_steps, kd_batch_size=kd_batch_size,
-            kd_lr=kd_lr, kd_temperature=kd_temperature, kd_mode=kd_mode, seed=seed,
-            eval_data=None if no_eval else (eval_data or "auto"), eval_every=eval_every,
-            checkpoint_every=checkpoint_every, pool_memory_mb=pool_memory_mb, device=device,
-            channels_last=channels_last, fused_lif=not norse_lif)
+    config = None if resume is not None else distill_config(**options)
     summary = run_distill(config, runs_dir=runs_dir, run_name=run_name, resume=resume)
     emit(summary, as_json, [
         ("teacher accuracy", percent(summary.get("teacher_accuracy"))),
@@ -255,6 +257,8 @@ from .deploy_cli import export as _export, simulate as _simulate  # noqa: E402
 cli.add_command(_export)
 cli.add_command(_simulate)
 
-from .ci_cli import check as _check  # noqa: E402
+from .ci_cli import check as _check, pipeline as _pipeline, report as _report  # noqa: E402
 
 cli.add_command(_check)
+cli.add_command(_report)
+cli.add_command(_pipeline)

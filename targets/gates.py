@@ -12,7 +12,8 @@ then command-line options:
     max-synops-per-sample = 2e5          max-synops-per-sample = 2e5
 
 Keys may use dashes or underscores. The table may also name ``target``, ``data`` and
-``samples`` (what to simulate). A limit that is not set is not checked.
+``samples`` (what to simulate; ``targets``, a list, is for `stars-deploy pipeline`). A limit
+that is not set is not checked.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ GATES = {gate.name: gate for gate in (
     Gate("min_activity_similarity", "activity_similarity", True, float,
          "cosine similarity of per-layer mean firing rates, target against float student"),
 )}
-RUN_KEYS = {"target": str, "data": str, "samples": int}  # what to simulate, besides the limits
+RUN_KEYS = {"target": str, "targets": list, "data": str, "samples": int}  # what to run, besides the limits
 CONFIG_FILES = ("stars-deploy.toml", "pyproject.toml")
 
 

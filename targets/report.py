@@ -1,0 +1,236 @@
+"""``stars-deploy report``: one self-contained HTML page for a run, with PNG plots.
+
+The page embeds its plots (base64 PNG, so it can be mailed or archived as one file) and the
+same plots are written to RUN_DIR/plots/*.png:
+
+- accuracy against timesteps for each simulated target and the float student (the running-mean
+  decision after t steps: the input is constant, so a run of t steps is a prefix of the T run);
+- per-layer mean firing rates, float student against each target;
+- a spike raster of one sample on the deployed target (loihi when exported, else nir);
+- the Loihi weight quantisation error per layer (export.json);
+- the distillation curve (accuracy and agreement at each evaluation).
+
+It reads simulate-<target>.json where present and simulates the exported targets that lack
+one (nir and loihi; lava only when its result is already there, as it is slow).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from stars_deploy.data import load_eval_data  # noqa: E402
+from stars_deploy.errors import ConfigError  # noqa: E402
+from stars_deploy.fileio import read_json, write_bytes  # noqa: E402
+from stars_deploy.progress import log  # noqa: E402
+from stars_deploy.runs import DISTILL, MANIFEST, STUDENT  # noqa: E402
+from stars_deploy.teachers import Normalizer  # noqa: E402
+
+from .simulate import EXPORTED, TARGETS, load_target, simulate  # noqa: E402
+
+REPORT = "report.html"
+PLOTS = "plots"
+RASTER_NEURONS = 256  # neurons drawn per layer in the raster (evenly spaced when a layer has more)
+FIGURE_DPI = 110
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _accuracy_plot(summaries: dict[str, dict]) -> bytes | None:
+    curves = {t: s["accuracy_by_step"] for t, s in summaries.items() if s.get("accuracy_by_step")}
+    if not curves:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    reference = next((s for s in summaries.values() if s.get("reference") == "student"
+                      and s.get("reference_accuracy_by_step")), None)
+    if reference is not None:
+        steps = range(1, len(reference["reference_accuracy_by_step"]) + 1)
+        axis.plot(steps, [100 * a for a in reference["reference_accuracy_by_step"]], "k--", label="float student")
+    for target, curve in curves.items():
+        axis.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", label=target)
+    axis.set_xticks(range(1, max(len(c) for c in curves.values()) + 1))
+    axis.set(xlabel="timesteps", ylabel="accuracy (%)", title="Accuracy against timesteps")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _png(figure)
+
+
+def _rates_plot(summaries: dict[str, dict]) -> bytes | None:
+    series = {}
+    for target, summary in summaries.items():
+        if summary.get("reference") == "student" and "float student" not in series:
+            series["float student"] = summary.get("reference_firing_rate_per_layer") or {}
+        series[target] = summary.get("firing_rate_per_layer") or {}
+    layers = list(next((rates for rates in series.values() if rates), {}))
+    if not layers:
+        return None
+    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(layers) * len(series)), 3.6))
+    width = 0.8 / len(series)
+    for index, (name, rates) in enumerate(series.items()):
+        positions = [i + (index - (len(series) - 1) / 2) * width for i in range(len(layers))]
+        axis.bar(positions, [rates.get(layer, 0.0) for layer in layers], width, label=name)
+    axis.set_xticks(range(len(layers)), layers, rotation=30, ha="right")
+    axis.set(ylabel="spikes per neuron per step", title="Mean firing rate per layer")
+    axis.legend()
+    return _png(figure)
+
+
+def _raster_plot(spikes: dict[str, torch.Tensor], target: str) -> bytes | None:
+    if not spikes:
+        return None
+    figure, axes = plt.subplots(1, len(spikes), figsize=(2.4 * len(spikes) + 1, 3.6), squeeze=False)
+    for axis, (layer, tensor) in zip(axes[0], spikes.items()):
+        flat = tensor[:, 0].reshape(tensor.shape[0], -1).float()  # (T, neurons) of the first sample
+        keep = torch.linspace(0, flat.shape[1] - 1, min(RASTER_NEURONS, flat.shape[1])).long()
+        steps, neurons = flat[:, keep].nonzero(as_tuple=True)
+        axis.scatter(steps.numpy(), neurons.numpy(), s=4, marker="|", color="k")
+        axis.set(title=layer, xlabel="step", xlim=(-0.5, flat.shape[0] - 0.5), ylim=(-1, len(keep)))
+    axes[0][0].set_ylabel("neuron (sampled)")
+    figure.suptitle(f"Spike raster, sample 0, {target}")
+    return _png(figure)
+
+
+def _quantization_plot(rows: list[dict]) -> bytes | None:
+    rows = [row for row in rows if "weight_rms_relative_error" in row]
+    if not rows:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    axis.bar([row["layer"] for row in rows], [100 * row["weight_rms_relative_error"] for row in rows])
+    axis.set(ylabel="RMS weight error (% of RMS weight)", title="Loihi 8-bit weight quantisation error")
+    axis.tick_params(axis="x", rotation=30)
+    return _png(figure)
+
+
+def _distillation_plot(history: list[dict]) -> bytes | None:
+    points = [h for h in history if "student_accuracy" in h]
+    if not points:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    rounds = [h["round"] for h in points]
+    axis.plot(rounds, [100 * h["student_accuracy"] for h in points], marker="o", label="student accuracy")
+    axis.plot(rounds, [100 * h["agreement"] for h in points], marker="s", label="agreement with teacher")
+    axis.set(xlabel="round", ylabel="%", title="Distillation")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _png(figure)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return html.escape("n/a" if value is None else str(value))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _summaries(run_dir: Path, data: str | None, samples: int | None, device: str) -> dict[str, dict]:
+    summaries = {}
+    for target in TARGETS:
+        stored = run_dir / f"simulate-{target}.json"
+        exported = (run_dir / "export" / EXPORTED[target]).is_file()
+        if stored.is_file():
+            summaries[target] = read_json(stored, "simulation result")
+        elif exported and target != "lava":
+            summaries[target] = simulate(run_dir, target, data or "digits", samples, compare="student", device=device)
+    return summaries
+
+
+def _raster_spikes(run_dir: Path, summaries: dict[str, dict], device: str) -> tuple[str | None, dict]:
+    target = next((t for t in ("loihi", "nir") if t in summaries), None)
+    if target is None:
+        return None, {}
+    run, metadata, _ = load_target(target, run_dir / "export" / EXPORTED[target], device=device)
+    data = load_eval_data(summaries[target].get("request", {}).get("data") or "digits").subset(1)
+    images = data.images
+    normalization = metadata.get("normalization")
+    if normalization:
+        images = Normalizer(normalization["mean"], normalization["std"])(images)
+    return target, run(images).cpu().spikes
+
+
+def write_report(run_dir: Path, data: str | None = None, samples: int | None = None, device: str = "cpu") -> dict:
+    """Write RUN_DIR/report.html and RUN_DIR/plots/*.png; returns what was written."""
+    run_dir = Path(run_dir)
+    if not (run_dir / STUDENT).is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {STUDENT})")
+    manifest = read_json(run_dir / MANIFEST, "run manifest") if (run_dir / MANIFEST).is_file() else {}
+    distill = read_json(run_dir / DISTILL, "distillation record") if (run_dir / DISTILL).is_file() else {}
+    export_path = run_dir / "export" / "export.json"
+    export = read_json(export_path, "export record") if export_path.is_file() else {}
+    if data is None:
+        data = manifest.get("config", {}).get("eval_data") or "digits"
+    summaries = _summaries(run_dir, data, samples, device)
+    raster_target, raster = _raster_spikes(run_dir, summaries, device)
+    plots = {
+        "accuracy_vs_timesteps": ("Accuracy against timesteps", _accuracy_plot(summaries)),
+        "firing_rates": ("Firing rates per layer", _rates_plot(summaries)),
+        "spike_raster": ("Spike raster", _raster_plot(raster, raster_target)),
+        "quantization_error": ("Weight quantisation error", _quantization_plot(export.get("quantization", []))),
+        "distillation": ("Distillation curve", _distillation_plot(distill.get("history", []))),
+    }
+    sections, written = [], []
+    for name, (title, png) in plots.items():
+        if png is None:
+            sections.append(f"<h2>{title}</h2><p class='missing'>Nothing to plot: no data for it in this run.</p>")
+            continue
+        write_bytes(run_dir / PLOTS / f"{name}.png", png)
+        written.append(f"{PLOTS}/{name}.png")
+        sections.append(f"<h2>{title}</h2><img alt='{html.escape(title)}' "
+                        f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+
+    target_rows = [[t, s.get("data"), s.get("samples"), _percent(s.get("accuracy")), _percent(s.get("reference_accuracy")),
+                    _percent(s.get("agreement")), s.get("spike_mismatches"), s.get("spikes_per_sample"),
+                    s.get("synops_per_sample"), s.get("neuron_updates_per_sample"), s.get("latency_steps"),
+                    (s.get("energy_per_sample") or {}).get("loihi1_j")] for t, s in summaries.items()]
+    tables = [
+        "<h2>Targets</h2>" + _table(["target", "data", "samples", "accuracy", "float student", "agreement",
+                                     "spike mismatches", "spikes / sample", "synops / sample",
+                                     "neuron updates / sample", "latency (steps)", "Loihi 1 energy / sample (J)"],
+                                    target_rows),
+        "<h2>Loihi quantisation</h2>" + _table(
+            ["layer", "kind", "exponent", "scale", "weights", "clipped", "RMS rel. error", "max abs error"],
+            [[q.get("layer"), q.get("kind"), q.get("exponent"), q.get("scale"), q.get("weights"),
+              q.get("weights_clipped"), q.get("weight_rms_relative_error"), q.get("weight_max_abs_error")]
+             for q in export.get("quantization", [])]),
+        "<h2>Distillation</h2>" + _table(["teacher accuracy", "student accuracy", "agreement", "rounds",
+                                          "synthetic images", "wall time (s)"],
+                                         [[distill.get("teacher_accuracy"), distill.get("student_accuracy"),
+                                           distill.get("agreement"), distill.get("rounds"),
+                                           distill.get("synthetic_images"), distill.get("wall_time_s")]]),
+    ]
+    title = f"stars-deploy report: {run_dir.name}"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}}
+th{{background:#eee}}img{{max-width:100%}}.missing{{color:#777}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>Teacher {html.escape(str(manifest.get('config', {}).get('teacher', {}).get('arch', 'n/a')))},
+student {html.escape(str(manifest.get('config', {}).get('student', {}).get('family', 'n/a')))},
+objective {html.escape(str(manifest.get('config', {}).get('objective', 'n/a')))}.</p>
+{''.join(tables)}
+{''.join(sections)}
+</body></html>
+"""
+    write_bytes(run_dir / REPORT, page.encode())
+    log(f"report: {run_dir / REPORT} ({len(written)} plots)")
+    return {"report": str(run_dir / REPORT), "plots": written, "targets": list(summaries)}
