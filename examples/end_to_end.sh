@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The embedded default end to end with the command-line tool: distil a spiking student from the
+# digits teacher (no data needed: the teacher is trained once on scikit-learn's digits and
+# cached), export it to NIR, Loihi (netx) and ONNX, run it on the bit-accurate Loihi emulator
+# and in Lava, gate it, and write the HTML report. Run from the repository root after
+# `make install` (or with stars-deploy on PATH). About 3 minutes on a 2-core CPU.
+set -euo pipefail
+STARS=${STARS:-$(command -v stars-deploy || echo .venv/bin/stars-deploy)}
+RUNS=${RUNS:-runs}
+run="$RUNS/example-default"
+rm -rf "$run"
+
+"$STARS" distill --runs-dir "$RUNS" --name example-default --budget-s "${BUDGET_S:-90}"
+"$STARS" export --target nir "$run"
+"$STARS" export --target loihi "$run"        # prints the per-layer quantisation report
+"$STARS" export --target onnx "$run"
+"$STARS" simulate --target loihi "$run"      # all 450 held-out digits on the emulator
+"$STARS" simulate --target lava --samples 20 --compare loihi "$run"   # Lava's own simulator: spike for spike
+# CI gate: exit 0 when every gate passes, 1 when one fails (the table says which)
+"$STARS" check --target loihi "$run" --min-accuracy 0.9 --max-accuracy-drop 0.01 --min-agreement 0.97 \
+  --max-latency-steps 8 --min-activity-similarity 0.95
+"$STARS" report "$run"
+echo "open $run/report.html"
