@@ -13,7 +13,7 @@ from stars_deploy.cli import main
 from stars_deploy.distill import DistillConfig
 from stars_deploy.fileio import write_json
 from stars_deploy.runs import MANIFEST, RUN_FORMAT, STUDENT, sha256_file
-from stars_deploy.students import StudentConfig, save_student
+from stars_deploy.students import save_student
 
 REQUIRED_KEYS = {"target", "samples", "accuracy", "reference_accuracy", "agreement", "spike_mismatches",
                  "spikes_per_sample", "synops_per_sample", "latency_steps"}
@@ -26,15 +26,18 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
     return exit_info.value.code, captured.out, captured.err
 
 
-@pytest.fixture
-def run_dir(tmp_path, random_student):
-    """A finished-looking run: manifest + a resnet student with random weights and BN stats."""
-    student = random_student("resnet", timesteps=4)
-    config = DistillConfig(student=StudentConfig(family="resnet", width=8, depth=8, timesteps=4), rounds=1)
-    folder = tmp_path / "runs" / "r1"
+def make_run(folder, random_student, family: str):
+    """A finished-looking run: manifest + a student with random weights and BN stats."""
+    student = random_student(family, timesteps=4)
+    config = DistillConfig(student=student.config, rounds=1)
     write_json(folder / MANIFEST, {"format": RUN_FORMAT, "config": config.to_dict()})
     save_student(folder / STUDENT, student)
     return folder
+
+
+@pytest.fixture
+def run_dir(tmp_path, random_student):
+    return make_run(tmp_path / "runs" / "r1", random_student, "resnet")
 
 
 def test_export_nir_writes_files_record_and_layer_table_deterministically(capsys, run_dir):
@@ -109,13 +112,8 @@ def test_export_onnx_with_the_teacher_is_recorded_and_deterministic(capsys, run_
 
 @pytest.fixture
 def convnet_run_dir(tmp_path, random_student):
-    """A finished-looking run with a convnet student (the Loihi-deployable family)."""
-    student = random_student("convnet", timesteps=4)
-    config = DistillConfig(student=StudentConfig(family="convnet", width=8, depth=3, timesteps=4), rounds=1)
-    folder = tmp_path / "runs" / "c1"
-    write_json(folder / MANIFEST, {"format": RUN_FORMAT, "config": config.to_dict()})
-    save_student(folder / STUDENT, student)
-    return folder
+    """A run with a convnet student (the Loihi-deployable family)."""
+    return make_run(tmp_path / "runs" / "c1", random_student, "convnet")
 
 
 def test_export_loihi_prints_the_report_and_writes_the_net_file_deterministically(capsys, convnet_run_dir):
