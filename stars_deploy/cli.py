@@ -164,12 +164,17 @@ def cli():
 @quiet_option
 def distill(runs_dir, run_name, resume, as_json, quiet, **options):
     """Distil a spiking student from a teacher alone. With no options: the embedded default
-    (digits teacher -> spiking convnet -> evaluation on held-out digits)."""
+    (digits teacher -> spiking convnet -> evaluation on held-out digits). Under
+    `torchrun --nproc-per-node N -m stars_deploy distill ...` the N processes distil together
+    and rank 0 alone writes the run and prints the result."""
     from .distill import distill as run_distill
+    from .distributed import launch_rank
 
     set_quiet(quiet)
     config = None if resume is not None else distill_config(**options)
     summary = run_distill(config, runs_dir=runs_dir, run_name=run_name, resume=resume)
+    if launch_rank() != 0:
+        return
     emit(summary, as_json, [
         ("teacher accuracy", percent(summary.get("teacher_accuracy"))),
         ("student accuracy", percent(summary.get("student_accuracy"))),

@@ -11,6 +11,11 @@ rounds and seconds spent / budget_s). Every ``checkpoint_every`` rounds the stud
 optimiser, the RNG states, the pool's chunk list and the history go to checkpoint.pt, so
 ``resume`` continues a killed run; on the CPU a resumed run with a round budget ends with
 exactly the weights of an uninterrupted one.
+
+Under torchrun (distributed.py) N processes run this same loop: each synthesises its own
+batch, the N batches are shared so every rank's pool is the same, the KD steps are data
+parallel (DistributedDataParallel), rank 0's clock decides the budget, and rank 0 alone
+writes the run directory.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import check_fits, load_eval_data
+from .distributed import Group, device_name, process_group
 from .errors import CheckpointError, ConfigError
 from .evaluation import accuracy, evaluate_pair, predict, teacher_logits_fn
 from .fileio import load_torch, read_json, save_torch, write_json
@@ -220,30 +226,38 @@ def _run_name(config: DistillConfig) -> str:
     return (f"{config.teacher.arch}-{config.student.family}-{config.objective}-s{config.seed}-{timestamp()}")
 
 
+def _resume_config(run_dir: Path) -> DistillConfig:
+    manifest = read_json(run_dir / MANIFEST, "run manifest")
+    if manifest.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{run_dir / MANIFEST} is not a stars-deploy run manifest")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise CheckpointError(f"{run_dir} has no {CHECKPOINT} to resume from (it stopped before the first checkpoint)")
+    return DistillConfig.from_dict(manifest["config"])
+
+
 def distill(config: DistillConfig | None = None, runs_dir: Path = Path("runs"), run_name: str | None = None,
             resume: Path | None = None) -> dict:
     """Run (or, with ``resume=RUN_DIR``, continue) a distillation; returns the summary that
-    distill.json also holds. Progress goes to stderr."""
+    distill.json also holds. Progress goes to stderr. Under torchrun every process calls
+    this and takes part (distributed.py); each returns the summary, rank 0 writes the run."""
     start = time.perf_counter()
-    if resume is not None:
-        run_dir = Path(resume)
-        manifest = read_json(run_dir / MANIFEST, "run manifest")
-        if manifest.get("format") != RUN_FORMAT:
-            raise CheckpointError(f"{run_dir / MANIFEST} is not a stars-deploy run manifest")
-        config = DistillConfig.from_dict(manifest["config"])
-        if not (run_dir / CHECKPOINT).is_file():
-            raise CheckpointError(f"{run_dir} has no {CHECKPOINT} to resume from (it stopped before the first checkpoint)")
-    else:
-        config = config or DistillConfig()
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
+    config = _resume_config(Path(resume)) if resume is not None else config or DistillConfig()
+    with process_group(resolve_device(device_name(config.device))) as group:
+        return _distill(config, group, start, runs_dir, run_name, Path(resume) if resume is not None else None)
+
+
+def _distill(config: DistillConfig, group: Group, start: float, runs_dir: Path, run_name: str | None,
+             resume: Path | None) -> dict:
+    device, main = group.device, group.is_main
+    torch.manual_seed(config.seed + group.rank)  # rank 0 draws exactly what a single process draws
 
     spec = config.teacher
-    weights = Path(spec.weights) if spec.weights else ensure_default_teacher()
+    with group.local_leader_first():  # one teacher training per machine, the others wait for it
+        weights = Path(spec.weights) if spec.weights else ensure_default_teacher()
     teacher = load_teacher(spec, weights).to(device)
     normalizer = Normalizer(*spec.mean_std).to(device)
     eval_set = None
-    if config.eval_data:
+    if config.eval_data and main:  # rank 0 evaluates; the others wait at the next collective
         eval_set = load_eval_data(config.eval_data)
         check_fits(eval_set, spec.input_shape, spec.num_classes, f"teacher {spec.arch}")
         teacher_predictions = predict(teacher_logits_fn(teacher, normalizer), eval_set.images, device)
@@ -251,10 +265,13 @@ def distill(config: DistillConfig | None = None, runs_dir: Path = Path("runs"), 
         log(f"teacher {spec.arch}: {teacher_accuracy:.1%} on {eval_set.name} ({len(eval_set)} images)")
 
     if resume is None:  # only now: a run that cannot start leaves no directory behind
-        run_dir = new_run_dir(runs_dir, run_name or _run_name(config))
+        run_dir = group.broadcast_object(new_run_dir(runs_dir, run_name or _run_name(config)) if main else None)
+    else:
+        run_dir = resume
+    group.run_dir = run_dir
     student = build_student(config.student).to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.kd_lr)
-    pool = SyntheticPool(run_dir / POOL_DIR, config.pool_memory_mb, device)
+    pool = SyntheticPool(group.pool_directory(run_dir / POOL_DIR), config.pool_memory_mb, device)
     set_fused_lif(student, config.fused_lif)
     if config.channels_last:
         teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
@@ -274,30 +291,41 @@ def distill(config: DistillConfig | None = None, runs_dir: Path = Path("runs"), 
         checkpoint = load_torch(run_dir / CHECKPOINT, "distillation checkpoint")
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{run_dir / CHECKPOINT} is not a stars-deploy distillation checkpoint")
+        processes = checkpoint.get("world_size", 1)
+        if processes != group.world_size:
+            raise CheckpointError(
+                f"{run_dir} was distilled by {processes} process(es), this job has {group.world_size}: resume it "
+                f"with the same number ({'without torchrun' if processes == 1 else f'torchrun --nproc-per-node {processes}'}"
+                f"{' or torchrun --nproc-per-node 1' if processes == 1 else ''})")
         student.load_state_dict(checkpoint["student"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        pool.restore(checkpoint["pool"])
-        synthesizer.load_state_dict(checkpoint.get("synthesizer", {}))
+        pool.restore(checkpoint["pool"], source=run_dir / POOL_DIR)
+        own = checkpoint if main else checkpoint["other_ranks"][group.rank - 1]  # per-rank RNG and synthesiser
+        synthesizer.load_state_dict(own.get("synthesizer", {}))
         round_index, elapsed_s = checkpoint["round"], checkpoint["elapsed_s"]
         history, timings = checkpoint["history"], checkpoint["timings"]
-        _set_rng_state(checkpoint["rng"])
+        _set_rng_state(own["rng"])
         log(f"resuming {run_dir} at round {round_index} ({elapsed_s:.0f} s spent, {len(pool)} images in the pool)")
-    else:
+    elif main:
         manifest = {"format": RUN_FORMAT, "created": timestamp(), "versions": versions(),
                     "config": config.to_dict(), "teacher_weights": str(weights),
                     "teacher_sha256": sha256_file(weights), "dt_s": config.student.lif.dt_s,
                     "reset": "zero", "integrator": "euler", "layout": "NCHW", "encoding": "direct",
-                    "device": str(device), "status": "running"}
+                    "device": str(device), "processes": group.world_size, "status": "running"}
         write_json(run_dir / MANIFEST, manifest)
+    trainer = group.wrap(student)  # the student for KD steps: DistributedDataParallel under torchrun
 
     def checkpoint_now() -> None:
+        """Every rank's RNG and synthesiser state go to rank 0, which writes the checkpoint."""
         begin = time.perf_counter()
-        pool.flush()
-        save_torch(run_dir / CHECKPOINT, {
-            "format": CHECKPOINT_FORMAT, "round": round_index, "elapsed_s": elapsed_s,
-            "student": student.state_dict(), "optimizer": optimizer.state_dict(), "pool": pool.state(),
-            "synthesizer": synthesizer.state_dict(),
-            "history": history, "timings": timings, "rng": _rng_state()})
+        states = group.gather({"rng": _rng_state(), "synthesizer": synthesizer.state_dict()})
+        if main:
+            pool.flush()
+            save_torch(run_dir / CHECKPOINT, {
+                "format": CHECKPOINT_FORMAT, "round": round_index, "elapsed_s": elapsed_s,
+                "student": student.state_dict(), "optimizer": optimizer.state_dict(), "pool": pool.state(),
+                "history": history, "timings": timings, "world_size": group.world_size,
+                **states[0], "other_ranks": states[1:]})
         timings["checkpoint_s"] += time.perf_counter() - begin
 
     def evaluate_now() -> dict:
@@ -314,31 +342,34 @@ def distill(config: DistillConfig | None = None, runs_dir: Path = Path("runs"), 
     while budget.progress(round_index, elapsed_s) < 1.0:
         round_start = time.perf_counter()
         images, last_terms = synthesizer.synthesize(student, spec.input_shape, device)
-        pool.add(images)
+        for batch in group.share_batch(images):  # every rank's batch, in rank order
+            pool.add(batch)
         synthesis_done = time.perf_counter()
         lr_scale = LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * budget.progress(round_index, elapsed_s)))
-        for group in optimizer.param_groups:
-            group["lr"] = config.kd_lr * lr_scale
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = config.kd_lr * lr_scale
         for _ in range(config.kd_steps):
             batch = train_augment(pool.sample(config.kd_batch_size), low, flip)
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=config.synthesis.teacher_bf16):
                 teacher_features = teacher.penultimate(batch)
                 teacher_logits = teacher.head(teacher_features)
             teacher_features, teacher_logits = teacher_features.float(), teacher_logits.float()
-            out = student(batch)
-            if config.kd_mode == "per_step":
-                loss = torch.stack([kd_loss(z, teacher_logits, config.kd_temperature) for z in out.logits_t]).mean()
-            else:
-                loss = kd_loss(out.logits, teacher_logits, config.kd_temperature)
-            if config.b_rca > 0:
-                loss = loss + config.b_rca * rca_loss(teacher_features, out.features, config.synthesis.rca_variant)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with group.guard():  # DistributedDataParallel's collectives: buffers forward, gradients backward
+                out = trainer(batch)
+                if config.kd_mode == "per_step":
+                    loss = torch.stack([kd_loss(z, teacher_logits, config.kd_temperature) for z in out.logits_t]).mean()
+                else:
+                    loss = kd_loss(out.logits, teacher_logits, config.kd_temperature)
+                if config.b_rca > 0:
+                    loss = loss + config.b_rca * rca_loss(teacher_features, out.features, config.synthesis.rca_variant)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
+        group.sync_buffers(student)  # the student's running statistics: rank 0's on every rank
         round_end = time.perf_counter()
         timings["synthesis_s"] += synthesis_done - round_start
         timings["kd_s"] += round_end - synthesis_done
-        elapsed_s += round_end - round_start
+        elapsed_s = group.agree(elapsed_s + round_end - round_start)  # rank 0's clock: one schedule, one stop
         round_index += 1
         record = {"round": round_index, "elapsed_s": round(elapsed_s, 3), "synthetic_images": len(pool),
                   "kd_loss": float(loss.detach()), **{f"syn_{k}": v for k, v in last_terms.items()}}
@@ -353,19 +384,23 @@ def distill(config: DistillConfig | None = None, runs_dir: Path = Path("runs"), 
     checkpoint_now()
 
     student.eval()
-    save_student(run_dir / STUDENT, student)
+    digests = group.check_replicas(student.state_dict())  # every rank ends with rank 0's student
+    if main:
+        save_student(run_dir / STUDENT, student)
+    kd_images = round_index * config.kd_steps * config.kd_batch_size * group.world_size
     summary = {"run_dir": str(run_dir), "objective": config.objective, "device": str(device),
-               "rounds": round_index, "synthetic_images": len(pool), "distill_time_s": elapsed_s,
-               "kd_images": round_index * config.kd_steps * config.kd_batch_size,
+               "processes": group.world_size, "rounds": round_index, "synthetic_images": len(pool),
+               "distill_time_s": elapsed_s, "kd_images": kd_images,
                "synthesis_images_per_s": len(pool) / max(timings["synthesis_s"], 1e-9),
-               "kd_images_per_s": round_index * config.kd_steps * config.kd_batch_size / max(timings["kd_s"], 1e-9),
+               "kd_images_per_s": kd_images / max(timings["kd_s"], 1e-9),
                "timings_s": timings, "last_synthesis_terms": last_terms}
     if eval_set is not None:
         summary.update({"teacher_accuracy": teacher_accuracy, "eval_data": eval_set.name,
                         "eval_images": len(eval_set), **evaluate_now()})
     summary["wall_time_s"] = time.perf_counter() - start
-    write_json(run_dir / DISTILL, {**summary, "history": history})
-    manifest = read_json(run_dir / MANIFEST, "run manifest")
-    manifest.update(status="complete", finished=timestamp(), timings_s=timings)
-    write_json(run_dir / MANIFEST, manifest)
+    if main:
+        write_json(run_dir / DISTILL, {**summary, "history": history, "replica_digests": digests})
+        manifest = read_json(run_dir / MANIFEST, "run manifest")
+        manifest.update(status="complete", finished=timestamp(), timings_s=timings)
+        write_json(run_dir / MANIFEST, manifest)
     return summary

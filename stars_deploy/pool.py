@@ -4,7 +4,8 @@ Batches are kept as chunks. The newest chunks stay in memory (on the compute dev
 ``memory_limit_mb``; older ones are written to ``directory`` (one atomic torch file per chunk)
 and read back when sampled. :meth:`flush` writes every chunk that is not on disk yet, so a
 checkpoint can name the pool by its chunk list (:meth:`state`) and a resumed run rebuilds it
-(:meth:`restore`).
+(:meth:`restore`). A pool can be rebuilt from chunk files in another directory than the one it
+spills into (under torchrun, ranks other than 0 read rank 0's chunks and spill privately).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class _Chunk:
     index: int
     size: int
     data: torch.Tensor | None  # None once spilled
-    on_disk: bool
+    path: Path | None  # its file, once written (or restored)
 
 
 class SyntheticPool:
@@ -56,7 +57,7 @@ class SyntheticPool:
 
     def add(self, images: torch.Tensor) -> None:
         """Append a batch (B, C, H, W); spill the oldest in-memory chunks beyond the bound."""
-        self.chunks.append(_Chunk(len(self.chunks), len(images), images.detach(), False))
+        self.chunks.append(_Chunk(len(self.chunks), len(images), images.detach(), None))
         self.memory_bytes += _nbytes(images)
         for chunk in self.chunks[:-1]:
             if self.memory_bytes <= self.memory_limit_bytes:
@@ -68,16 +69,16 @@ class SyntheticPool:
                 self._resident = None  # release the stacked copy with the spilled chunk
 
     def _write(self, chunk: _Chunk) -> None:
-        if not chunk.on_disk:
+        if chunk.path is None:
             # clone: a chunk may be a view of the stacked pool, and torch.save keeps whole storages
             save_torch(self._path(chunk.index), chunk.data.cpu().clone())
-            chunk.on_disk = True
+            chunk.path = self._path(chunk.index)
 
     def _load(self, chunk: _Chunk) -> torch.Tensor:
         if chunk.data is not None:
             return chunk.data
         if chunk.index not in self._disk_cache:
-            self._disk_cache[chunk.index] = load_torch(self._path(chunk.index), "pool chunk").to(self.device)
+            self._disk_cache[chunk.index] = load_torch(chunk.path, "pool chunk").to(self.device)
             while len(self._disk_cache) > DISK_CACHE_CHUNKS:
                 self._disk_cache.popitem(last=False)
         self._disk_cache.move_to_end(chunk.index)
@@ -125,16 +126,19 @@ class SyntheticPool:
         """Chunk sizes in order; valid after :meth:`flush`."""
         return [chunk.size for chunk in self.chunks]
 
-    def restore(self, sizes: list[int]) -> None:
-        """Rebuild from a checkpoint's chunk list, loading the newest chunks into memory."""
+    def restore(self, sizes: list[int], source: Path | None = None) -> None:
+        """Rebuild from a checkpoint's chunk list, loading the newest chunks into memory; the
+        chunk files are in ``source`` (default: this pool's directory)."""
+        source = Path(source) if source is not None else self.directory
         self.chunks = []
         for index, size in enumerate(sizes):
-            if not self._path(index).is_file():
-                raise CheckpointError(f"pool chunk {self._path(index)} is missing: the run cannot resume")
-            self.chunks.append(_Chunk(index, size, None, True))
+            path = source / self._path(index).name
+            if not path.is_file():
+                raise CheckpointError(f"pool chunk {path} is missing: the run cannot resume")
+            self.chunks.append(_Chunk(index, size, None, path))
         self.memory_bytes = 0
         for chunk in reversed(self.chunks):
-            data = load_torch(self._path(chunk.index), "pool chunk").to(self.device)
+            data = load_torch(chunk.path, "pool chunk").to(self.device)
             if self.memory_bytes + _nbytes(data) > self.memory_limit_bytes and chunk is not self.chunks[-1]:
                 break
             chunk.data = data
