@@ -30,3 +30,22 @@ def test_flush_and_restore(tmp_path):
     a = pool.sample(50)
     torch.manual_seed(3)
     assert torch.equal(restored.sample(50), a)
+
+
+def test_restore_from_another_directory_reads_there_and_spills_into_its_own(tmp_path):
+    # under torchrun, ranks other than 0 rebuild rank 0's pool and spill into a private directory
+    source, private = tmp_path / "run_pool", tmp_path / "private"
+    pool = SyntheticPool(source, memory_limit_mb=100)
+    for value in range(3):
+        pool.add(torch.full((16, 1, 8, 8), float(value)))
+    pool.flush()
+    restored = SyntheticPool(private, memory_limit_mb=1.5 * BATCH_MB)
+    restored.restore(pool.state(), source=source)
+    assert len(restored) == 48 and restored.spilled_chunks == 2  # read from source, not copied
+    for value in (3, 4):
+        restored.add(torch.full((16, 1, 8, 8), float(value)))
+    # chunk 2 is already a file in source; chunk 3 is new and spills privately
+    assert restored.spilled_chunks == 4 and sorted(p.name for p in private.iterdir()) == ["chunk_000003.pt"]
+    assert len(list(source.iterdir())) == 3
+    counts = torch.bincount(restored.sample(2500)[:, 0, 0, 0].long(), minlength=5)
+    assert int(counts.min()) > 300
