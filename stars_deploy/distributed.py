@@ -76,6 +76,11 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launch_world_size() -> int:
+    """The number of processes torchrun started; 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def device_name(name: str) -> str:
     """The device a rank uses for ``--device name``: under torchrun, auto and cuda mean the GPU
     of this process's LOCAL_RANK (cpu without CUDA); one fixed cuda:N would put every rank on
@@ -87,7 +92,7 @@ def device_name(name: str) -> str:
         return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         return f"cuda:{local_rank}"
-    if name.startswith("cuda:") and int(os.environ["WORLD_SIZE"]) > 1:
+    if name.startswith("cuda:") and launch_world_size() > 1:
         raise ConfigError(f"--device {name} under torchrun would put every process on one GPU: use --device auto "
                           "or cuda (each process takes the GPU of its LOCAL_RANK)")
     return name

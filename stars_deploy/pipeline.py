@@ -101,6 +101,11 @@ def run_pipeline(path: Path, device: str = "cpu") -> dict:
     The whole file is validated before the (long) distillation starts."""
     from .cli import distill_config
     from .distill import distill
+    from .distributed import launch_world_size
+
+    if launch_world_size() > 1:
+        raise ConfigError("pipeline runs in one process: distil under torchrun with `stars-deploy distill`, "
+                          "then run export, check and report on its run directory")
 
     path = Path(path)
     document = _read(path)
