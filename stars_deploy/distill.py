@@ -293,10 +293,9 @@ def _distill(config: DistillConfig, group: Group, start: float, runs_dir: Path, 
             raise CheckpointError(f"{run_dir / CHECKPOINT} is not a stars-deploy distillation checkpoint")
         processes = checkpoint.get("world_size", 1)
         if processes != group.world_size:
-            raise CheckpointError(
-                f"{run_dir} was distilled by {processes} process(es), this job has {group.world_size}: resume it "
-                f"with the same number ({'without torchrun' if processes == 1 else f'torchrun --nproc-per-node {processes}'}"
-                f"{' or torchrun --nproc-per-node 1' if processes == 1 else ''})")
+            raise CheckpointError(f"{run_dir} was distilled by {processes} process(es), this job has "
+                                  f"{group.world_size}: resume it with torchrun --nproc-per-node {processes}"
+                                  f"{' (or without torchrun)' if processes == 1 else ''}")
         student.load_state_dict(checkpoint["student"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         pool.restore(checkpoint["pool"], source=run_dir / POOL_DIR)

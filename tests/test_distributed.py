@@ -4,7 +4,8 @@ One short run: rank 0 alone writes one complete run directory and prints one JSO
 the pool holds every rank's batches, and every rank ends with the student rank 0 saved.
 torchrun with one process gives the plain command's weights bit for bit. A rank killed
 mid-run ends the whole job with a non-zero exit and a one-line reason within a bounded time,
-and the group resumes from rank 0's checkpoint to exactly the weights of an uninterrupted run.
+and the group resumes from rank 0's checkpoint (every rank's RNG and generator) to exactly the
+weights of an uninterrupted run.
 """
 
 import json
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from stars_deploy.distributed import state_digest
@@ -120,7 +122,9 @@ def _worker(launcher_pid: int, rank: int) -> int:
 
 
 def test_a_killed_rank_ends_the_job_and_the_group_resumes_exactly(tmp_path, digits_teacher):
-    args = ["--rounds", "30", "--checkpoint-every", "1", "--no-eval", "--seed", "3", *SMALL, "--name", "run"]
+    # the generator host: besides its RNG, each rank's generator must come back from the checkpoint
+    args = ["--rounds", "30", "--checkpoint-every", "1", "--no-eval", "--seed", "3", *SMALL,
+            "--synthesizer", "generator", "--name", "run"]
     reference = torchrun(2, *args, "--runs-dir", str(tmp_path / "a"), cwd=tmp_path)
     victim = torchrun(2, *args, "--runs-dir", str(tmp_path / "b"), cwd=tmp_path)
     run_dir = tmp_path / "b" / "run"
@@ -132,7 +136,7 @@ def test_a_killed_rank_ends_the_job_and_the_group_resumes_exactly(tmp_path, digi
     _, err = victim.communicate(timeout=KILL_DEADLINE_S)
     assert victim.returncode != 0 and time.time() - killed < KILL_DEADLINE_S
     # rank 0 says why it ends (its collective failed, or torchrun stopped it) and how to go on
-    assert f"stars-deploy: error: rank 0 of 2: " in err and f"Resume with --resume {run_dir}" in err, err
+    assert "stars-deploy: error: rank 0 of 2: " in err and f"Resume with --resume {run_dir}" in err, err
     killed_at = _checkpoint_round(run_dir / "checkpoint.pt")
     assert 3 <= killed_at < 30, "the run was not interrupted mid-way"
     assert not (run_dir / "student.pt").exists()
@@ -148,3 +152,23 @@ def test_a_killed_rank_ends_the_job_and_the_group_resumes_exactly(tmp_path, digi
     assert_same_weights(student(tmp_path / "a" / "run"), student(run_dir))
     history = json.loads((run_dir / "distill.json").read_text())["history"]
     assert [h["round"] for h in history] == list(range(1, 31))
+
+
+def test_devices_and_timeout_under_torchrun(monkeypatch):
+    from stars_deploy.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, _timeout_s, device_name
+    from stars_deploy.errors import ConfigError
+
+    assert device_name("cuda:1") == "cuda:1"  # no torchrun: the option as given
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert device_name("cuda") == "cuda:1" and device_name("cpu") == "cpu"
+    assert device_name("auto") == ("cuda:1" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="every process on one GPU"):
+        device_name("cuda:0")
+    assert _timeout_s() == DEFAULT_TIMEOUT_S
+    monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+    assert _timeout_s() == 2.5
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(ConfigError, match=TIMEOUT_ENV):
+        _timeout_s()
