@@ -1,6 +1,7 @@
 """Distillation under torchrun on the CPU: real torch.distributed (gloo), 2 processes.
 
-One short run: rank 0 alone writes one complete run directory and prints one JSON object,
+One short run, from an empty teacher cache (local rank 0 trains the teacher, rank 1 waits):
+rank 0 alone writes one complete run directory and prints one JSON object,
 the pool holds every rank's batches, and every rank ends with the student rank 0 saved.
 torchrun with one process gives the plain command's weights bit for bit. A rank killed
 mid-run ends the whole job with a non-zero exit and a one-line reason within a bounded time,
@@ -25,17 +26,17 @@ SMALL = ["--batch-size", "32", "--kd-batch-size", "32", "--synthesis-steps", "5"
 KILL_DEADLINE_S = 120  # the whole job must be gone this long after one rank is killed
 
 
-def child_env(tmp_path: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TMPDIR=str(tmp_path / "tmp"))
+def child_env(tmp_path: Path, **extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TMPDIR=str(tmp_path / "tmp"), **extra)
     (tmp_path / "tmp").mkdir(exist_ok=True)
     return env
 
 
-def torchrun(processes: int, *args, cwd: Path) -> subprocess.Popen:
+def torchrun(processes: int, *args, cwd: Path, **env: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--standalone",
                "-m", "stars_deploy", "distill", *args]
-    return subprocess.Popen(command, cwd=cwd, env=child_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(command, cwd=cwd, env=child_env(cwd, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def plain(*args, cwd: Path) -> subprocess.Popen:
@@ -59,10 +60,12 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_two_processes_make_one_run_that_rank_0_writes(tmp_path, digits_teacher):
-    runs = tmp_path / "runs"
+def test_two_processes_make_one_run_that_rank_0_writes(tmp_path):
+    # an empty teacher cache: local rank 0 trains the teacher while rank 1 waits for it
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
     out, err = finish(torchrun(2, "--rounds", "4", "--checkpoint-every", "2", "--eval-every", "2", "--seed", "5",
-                               *SMALL, "--runs-dir", str(runs), "--json", cwd=tmp_path))
+                               *SMALL, "--runs-dir", str(runs), "--json", cwd=tmp_path, STARS_DEPLOY_CACHE=str(cache)))
+    assert err.count("trained digits teacher") == 1 and (cache / "teachers" / "digits_cnn.pt").is_file()
     summary = json.loads(out)  # one JSON object: rank 1 prints nothing
     assert summary["processes"] == 2 and summary["rounds"] == 4
     assert summary["synthetic_images"] == 4 * 2 * 32  # each round: one batch from each rank
@@ -84,7 +87,7 @@ def test_two_processes_make_one_run_that_rank_0_writes(tmp_path, digits_teacher)
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and len(checkpoint["other_ranks"]) == 1
     assert not torch.equal(checkpoint["rng"]["cpu"], checkpoint["other_ranks"][0]["rng"]["cpu"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "tmp"]  # nothing written beside the run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "runs", "tmp"]  # nothing beside the run
     assert not list((tmp_path / "tmp").glob("stars-deploy-pool-*"))  # rank 1's private pool directory is gone
 
 
