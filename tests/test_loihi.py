@@ -90,6 +90,7 @@ def edge_dense_network(rng) -> NetxNetwork:
         flat[:len(extra)] = extra
         return w
     w1 = weights((12, 16), (WEIGHT_MIN, WEIGHT_MAX, WEIGHT_MIN, WEIGHT_MAX))
+    w1[1], w1[2] = WEIGHT_MAX, WEIGHT_MIN  # drive u of these neurons to the 24-bit edge
     w2 = rng.integers(-255, 255, size=(10, 12))  # odd weights: netx's 9-bit path
     w2[0, :2] = (WEIGHT_MIN, 253)
     w3 = -2 * rng.integers(0, 129, size=(8, 10))  # all-inhibitory, with -256 (Lava makes it -255)
@@ -104,7 +105,7 @@ def edge_dense_network(rng) -> NetxNetwork:
     ]
     meta = [{"spike_name": f"l{i}", "exponent": 0, "spiking": True} for i in range(4)]
     stage = InputStage("dense", np.eye(16), np.zeros(16), 1.0, 0.0, (16,))
-    return NetxNetwork(layers, stage, {"format": NETX_FORMAT, "timesteps": 40, "readout": "spikes", "layers": meta})
+    return NetxNetwork(layers, stage, {"format": NETX_FORMAT, "timesteps": 60, "readout": "spikes", "layers": meta})
 
 
 def edge_conv_network(rng) -> NetxNetwork:
@@ -139,8 +140,15 @@ def test_edge_case_networks_spike_identically_in_lava_and_the_emulator(tmp_path)
         lava = load_lava(path).run(inputs)
         assert_identical(lava, emulator)
         assert sum(emulator.spike_counts().values()) > 0, "a silent network proves nothing"
-    # the dense network really reached the edges: clipped inputs, wrapped u
-    assert load_emulator(tmp_path / "dense.net").run(dense_inputs).input_clipped == 2
+    # the dense network really reached the edges: clipped inputs, u wrapped past 2^23 in layer 1
+    network = read_network(tmp_path / "dense.net")
+    emulator = LoihiEmulator(network)
+    record = emulator.run(dense_inputs)
+    assert record.input_clipped == 2
+    synapse, bias = emulator.synapses[1]
+    a_in = synapse(record.spikes["l0"].flatten(0, 1)).unflatten(0, record.spikes["l0"].shape[:2])
+    _, u = cuba_run(a_in, bias, network.layers[1], a_in.shape[0], tuple(a_in.shape[1:]))
+    assert u.max() > 2**22 and u.min() < -2**22 and (u.diff(dim=0).abs() > 2**23).any()
 
 
 # ---- the exported student on real digits -----------------------------------------------------
