@@ -80,7 +80,7 @@ def main() -> None:
         return
     rows = [("file", result["file"]), ("samples x steps", f"{result['samples']} x {result['steps_per_sample']}"),
             (f"emulator ({result['device']})", f"{result['emulator_s']:.4f} s"),
-            ("Lava fixed_pt (CPU)", f"{result['lava_s']:.2f} s (build+run {result["lava_ms_per_step"]:.1f} ms/step, "
+            ("Lava fixed_pt (CPU)", f"{result['lava_s']:.2f} s (build+run {result['lava_ms_per_step']:.1f} ms/step, "
                                     f"read-back {result['lava_read_s']:.2f} s)"),
             ("speed-up", f"{result['speedup']:,.0f}x"),
             ("agreement", f"{100 * result['agreement']:.1f} %"),
