@@ -232,3 +232,10 @@ def test_lowering_refuses_what_netx_cannot_run_naming_the_node(random_student):
     with pytest.raises(LoihiExportError, match="'fc' is on a cycle.*recurren"):
         lower_nir(nir.NIRGraph(nodes=nodes, edges=edges + [("lif", "fc")], metadata={}, type_check=False),
                   dt_s=1e-3, timesteps=4)
+
+
+def test_synaptic_sums_use_float32_only_where_exact():
+    from stars_deploy.targets.loihi import exact_float
+
+    assert exact_float(np.full((4, 576), 254)) == torch.float32  # the students' conv layers
+    assert exact_float(np.full((2, 70000), 254)) == torch.float64  # sums can pass 2^24
