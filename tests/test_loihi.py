@@ -13,7 +13,7 @@ import torch
 from stars_deploy.data import load_digits_split
 from stars_deploy.exporters.loihi_export import (STATE_LIMIT, THRESHOLD_MANT_MAX, WEIGHT_MAX, WEIGHT_MIN,
                                                  LoihiExportError, lower_nir)
-from stars_deploy.exporters.netx_format import (NETX_FORMAT, InputStage, NetxLayer, NetxNetwork, NeuronConfig,
+from stars_deploy.exporters.netx_format import (NETX_FORMAT, InputStage, NetxFormatError, NetxLayer, NetxNetwork, NeuronConfig,
                                                 read_network, write_network)
 from stars_deploy.exporters.nir_export import student_to_nir
 from stars_deploy.folding import fold_student
@@ -239,3 +239,15 @@ def test_synaptic_sums_use_float32_only_where_exact():
 
     assert exact_float(np.full((4, 576), 254)) == torch.float32  # the students' conv layers
     assert exact_float(np.full((2, 70000), 254)) == torch.float64  # sums can pass 2^24
+
+
+def test_reading_a_netx_file_not_written_here_fails_naming_it(tmp_path):
+    import h5py
+
+    path = tmp_path / "slayer.net"
+    with h5py.File(path, "w") as handle:
+        handle.create_group("layer/0")
+    with pytest.raises(NetxFormatError, match="slayer.net has no 'stars' group"):
+        load_emulator(path)
+    with pytest.raises(NetxFormatError, match="does not exist"):
+        load_emulator(tmp_path / "missing.net")
