@@ -9,8 +9,9 @@ State variables (per neuron, per step; widths as on Loihi):
   of weight x spike; dense: ``(sum w' s) << e`` or ``>> -e`` (arithmetic) with w' and e as netx's
   ``optimize_weight_bits`` and Lava's ``clip_weights``/``truncate_weights`` make them from the
   file's weights (``netx_dense_weights``). Sums are taken in float32 when the largest sum of
-  |w| into one neuron is below 2^24 (every partial sum is then an exact float32 integer),
-  else in float64 (exact below 2^53), and rounded to int64.
+  |w| into one neuron is below 2^24 (every partial sum is then an exact float32 integer) on
+  the CPU, else in float64 (exact below 2^53; always on CUDA, where float32 convolutions may
+  run in TF32), and rounded to int64.
 - ``u``  current, 24-bit signed: ``u = sign(u) ((|u| (4096 - iDecay)) >> 12) + (a_in << 6)``
   with ``iDecay = du + 1`` (netx passes ``du = iDecay - 1``, the model adds the 1 back), then
   wrapped once: ``u > 2^23 -> u - 2^24``, ``u <= -2^23 -> u + 2^24``.
@@ -112,10 +113,13 @@ def netx_dense_weights(weight: np.ndarray, source: str = "dense layer") -> tuple
     return w, -scale_bits
 
 
-def exact_float(weight: np.ndarray) -> torch.dtype:
+def exact_float(weight: np.ndarray, device: torch.device = torch.device("cpu")) -> torch.dtype:
     """float32 when every partial sum of weight x {0, 1} is an integer below 2^24 in magnitude
     (the largest sum of |w| into one neuron bounds them all, in any summation order), so the
-    sum is exact in float32; float64 otherwise (exact below 2^53)."""
+    sum is exact in float32; float64 otherwise (exact below 2^53), and always on CUDA, where
+    cuDNN may compute float32 convolutions in TF32 (10-bit mantissa)."""
+    if torch.device(device).type != "cpu":
+        return torch.float64
     largest = np.abs(np.asarray(weight, dtype=np.float64)).reshape(len(weight), -1).sum(1).max()
     return torch.float32 if largest < FLOAT32_EXACT else torch.float64
 
@@ -169,7 +173,7 @@ class LoihiEmulator:
         dev = self.device
         bias = torch.as_tensor(layer.bias if layer.bias is not None else np.zeros(1, np.int64), device=dev)
         if layer.kind == "conv":
-            dtype = exact_float(layer.weight)
+            dtype = exact_float(layer.weight, dev)
             weight = torch.as_tensor(layer.weight, dtype=dtype, device=dev)
             geometry = (layer.stride, layer.padding, layer.dilation, layer.groups)
             half = 1 << (CONV_SUM_BITS - 1)
@@ -179,7 +183,7 @@ class LoihiEmulator:
                 return (total + half) % (2 * half) - half  # Lava's signed_clamp: a 24-bit wrap
             return conv, bias.view(-1, 1, 1)
         weights, exponent = netx_dense_weights(layer.weight, f"{self.source} layer {index}")
-        dtype = exact_float(weights)
+        dtype = exact_float(weights, dev)
         weight = torch.as_tensor(weights, dtype=dtype, device=dev)
 
         def dense(spikes):

@@ -239,6 +239,7 @@ def test_synaptic_sums_use_float32_only_where_exact():
 
     assert exact_float(np.full((4, 576), 254)) == torch.float32  # the students' conv layers
     assert exact_float(np.full((2, 70000), 254)) == torch.float64  # sums can pass 2^24
+    assert exact_float(np.full((4, 576), 254), torch.device("cuda")) == torch.float64  # TF32 convolutions
 
 
 def test_reading_a_netx_file_not_written_here_fails_naming_it(tmp_path):
