@@ -249,12 +249,12 @@ def on_chip_neurons(network: NetxNetwork) -> int:
 
 def fan_out_synops(target: NetxLayer, spikes: torch.Tensor) -> float:
     """Synaptic events the (T, B, ...) ``spikes`` cause in the next layer ``target``."""
-    flat = spikes.flatten(0, 1).to(torch.float32)
+    flat = spikes.flatten(0, 1).to(torch.float64)  # float64: exact counts, no TF32 on CUDA
     if target.kind == "dense":
         return float(flat.sum()) * int(target.weight.shape[0])
     if target.groups != 1:
         return float(flat.sum()) * int(target.weight[0].size)
-    ones = torch.ones((1, 1, *target.weight.shape[2:]), device=flat.device)
+    ones = torch.ones((1, 1, *target.weight.shape[2:]), dtype=torch.float64, device=flat.device)
     hits = F.conv2d(flat.sum(1, keepdim=True), ones, None, target.stride, target.padding, target.dilation)
     return float(hits.sum()) * int(target.weight.shape[0])
 
