@@ -237,7 +237,7 @@ def _input_bounds(stage: dict, shape: tuple[int, ...], low: np.ndarray, high: np
     if stage["kind"] == "conv":
         def apply(weight, x):
             return F.conv2d(x, weight, None, stage["stride"], stage["padding"], stage["dilation"], stage["groups"])
-        # zero padding is inside [lo, hi] only if 0 is; the bound with padding as 0 is then exact
+        # padded positions are 0 in the real input too, so they add nothing to either bound
         top, bottom = apply(pos, hi) + apply(neg, lo), apply(pos, lo) + apply(neg, hi)
         bias = torch.from_numpy(stage["bias"]).view(1, -1, 1, 1)
     else:
