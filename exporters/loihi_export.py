@@ -170,8 +170,9 @@ def _lif(source: str, name: str, node: nir.LIF, dt_s: float) -> dict:
     v_decay = round(DECAY_SCALE * ratio)
     if not 0 < v_decay <= V_DECAY_MAX:
         raise LoihiExportError(f"{source}: node {name!r}: dt/tau = {ratio:g} gives vDecay {v_decay}, outside the "
-                               f"12-bit range 1..{V_DECAY_MAX}; use {dt_s / (V_DECAY_MAX / DECAY_SCALE):.3g} s > tau > "
-                               f"{dt_s * 2 * DECAY_SCALE:.3g} s or another --dt-s")
+                               f"12-bit range 1..{V_DECAY_MAX}; at dt = {dt_s:g} s tau must lie in "
+                               f"({dt_s * DECAY_SCALE / (V_DECAY_MAX + 0.5):.4g} s, {dt_s * 2 * DECAY_SCALE:.3g} s]: "
+                               "change tau or --dt-s")
     return dict(v_decay=v_decay, a_q=v_decay / DECAY_SCALE, ratio=ratio,
                 r=_uniform(source, name, "r", node.r), v_leak=_uniform(source, name, "v_leak", node.v_leak),
                 v_th=_uniform(source, name, "v_threshold", node.v_threshold))

@@ -61,8 +61,8 @@ ACTIVATION_SHIFT = 6
 THRESHOLD_SHIFT = 6
 BIAS_EXP = 6  # netx fixes the bias exponent
 STATE_HALF_RANGE = 1 << 23  # u and v are 24-bit signed
-CONV_SUM_BITS = 24
-FLOAT32_EXACT = 1 << 24  # integers below this add exactly in float32  # Lava's fixed-point conv wraps its output to 24 bits
+CONV_SUM_BITS = 24  # Lava's fixed-point conv wraps its output to 24 bits
+FLOAT32_EXACT = 1 << 24  # integers below this add exactly in float32
 NETX_WEIGHT_MAX, NETX_WEIGHT_MIN = 254, -256
 
 
