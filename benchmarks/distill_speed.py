@@ -23,8 +23,9 @@ from stars_deploy.progress import set_quiet
 from stars_deploy.teachers import TeacherSpec
 
 VARIANTS = {  # name -> (objective, synthesis overrides, distill overrides); each adds one change
-    "host, Norse LIF": ("host", {}, {"fused_lif": False}),
-    "host": ("host", {}, {}),  # fused LIF (the default)
+    "host, Norse LIF": ("host", {}, {"lif_kernel": "norse"}),
+    "host, fused LIF": ("host", {}, {"lif_kernel": "fused"}),
+    "host": ("host", {}, {"lif_kernel": "compiled"}),  # auto on CUDA
     "host + bf16 teacher": ("host", {"teacher_bf16": True}, {}),
     "host + bf16 + channels_last": ("host", {"teacher_bf16": True}, {"channels_last": True}),
     "stars (student every 10)": ("stars", {"student_every": 10}, {}),
@@ -32,7 +33,7 @@ VARIANTS = {  # name -> (objective, synthesis overrides, distill overrides); eac
     "generator host": ("host", {"method": "generator"}, {}),
     "generator stars": ("stars", {"method": "generator"}, {}),
 }
-DEFAULT_VARIANTS = ["host, Norse LIF", "host", "stars (student every 10)", "generator host"]
+DEFAULT_VARIANTS = ["host, Norse LIF", "host, fused LIF", "host", "stars (student every 10)", "generator host"]
 
 
 def measure(args, variant: str, batch_size: int, runs_dir: Path) -> dict:
