@@ -31,11 +31,11 @@ speed() {  # one table; killed with what it has if it runs long
 }
 begin=$(date +%s)
 speed --student convnet --depth 5 --width 32 --batch-sizes $BATCHES $((4 * BATCHES)) \
-  --variants "host, Norse LIF" host "host + bf16 teacher" "host + bf16 + channels_last" \
+  --variants "host, Norse LIF" "host, fused LIF" host "host + bf16 teacher" "host + bf16 + channels_last" \
   "stars (student every 10)" "stars (student every step)" "generator host" "generator stars" \
   > "$OUT/speed_convnet.md" 2> "$OUT/speed_convnet.err"
 speed --student resnet --depth 20 --width 16 --batch-sizes $BATCHES \
-  --variants "host, Norse LIF" host "host + bf16 teacher" "generator host" \
+  --variants "host, Norse LIF" "host, fused LIF" host "host + bf16 teacher" "generator host" \
   > "$OUT/speed_resnet.md" 2> "$OUT/speed_resnet.err"
 echo "speed tables: $(( $(date +%s) - begin )) s" | tee -a "$OUT/device.txt"
 

@@ -170,8 +170,9 @@ def _lif(source: str, name: str, node: nir.LIF, dt_s: float) -> dict:
     v_decay = round(DECAY_SCALE * ratio)
     if not 0 < v_decay <= V_DECAY_MAX:
         raise LoihiExportError(f"{source}: node {name!r}: dt/tau = {ratio:g} gives vDecay {v_decay}, outside the "
-                               f"12-bit range 1..{V_DECAY_MAX}; use {dt_s / (V_DECAY_MAX / DECAY_SCALE):.3g} s > tau > "
-                               f"{dt_s * 2 * DECAY_SCALE:.3g} s or another --dt-s")
+                               f"12-bit range 1..{V_DECAY_MAX}; at dt = {dt_s:g} s tau must lie in "
+                               f"({dt_s * DECAY_SCALE / (V_DECAY_MAX + 0.5):.4g} s, {dt_s * 2 * DECAY_SCALE:.3g} s]: "
+                               "change tau or --dt-s")
     return dict(v_decay=v_decay, a_q=v_decay / DECAY_SCALE, ratio=ratio,
                 r=_uniform(source, name, "r", node.r), v_leak=_uniform(source, name, "v_leak", node.v_leak),
                 v_th=_uniform(source, name, "v_threshold", node.v_threshold))
@@ -237,7 +238,7 @@ def _input_bounds(stage: dict, shape: tuple[int, ...], low: np.ndarray, high: np
     if stage["kind"] == "conv":
         def apply(weight, x):
             return F.conv2d(x, weight, None, stage["stride"], stage["padding"], stage["dilation"], stage["groups"])
-        # zero padding is inside [lo, hi] only if 0 is; the bound with padding as 0 is then exact
+        # padded positions are 0 in the real input too, so they add nothing to either bound
         top, bottom = apply(pos, hi) + apply(neg, lo), apply(pos, lo) + apply(neg, hi)
         bias = torch.from_numpy(stage["bias"]).view(1, -1, 1, 1)
     else:

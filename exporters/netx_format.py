@@ -198,6 +198,10 @@ def read_network(path: Path) -> NetxNetwork:
                     raise NetxFormatError(f"{path}: layer {index} has type {kind!r}; only input, conv, "
                                           "dense and flatten are supported")
                 neuron = group["neuron"]
+                if _text(neuron["type"]) not in ("CUBA", "LOIHI") or "delay" in group:
+                    raise NetxFormatError(f"{path}: layer {index} has a {_text(neuron['type'])} neuron"
+                                          f"{' and synaptic delays' if 'delay' in group else ''}; the emulator "
+                                          "runs CUBA neurons without extra delays only")
                 layer = NetxLayer(kind, tuple(int(s) for s in group["shape"][()]),
                                   NeuronConfig(int(neuron["iDecay"][()]), int(neuron["vDecay"][()]),
                                                int(neuron["vThMant"][()])), flatten_before=flatten_next)

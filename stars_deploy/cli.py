@@ -72,7 +72,7 @@ def distill_config(arch, weights, normalization, num_classes, family, width, dep
                    budget_s, batch_size, synthesis_steps, synthesis_lr, l_bn, l_ce, l_adv, l_tv, l_l2, l_rca,
                    l_tar, b_rca, rca_variant, student_every, kd_steps, kd_batch_size, kd_lr, kd_temperature,
                    kd_mode, seed, eval_data, no_eval, eval_every, checkpoint_every, pool_memory_mb, device,
-                   teacher_bf16, channels_last, norse_lif):
+                   teacher_bf16, channels_last, lif_kernel):
     """The DistillConfig for `distill`'s options (also used by `pipeline` for its [distill] table)."""
     from .distill import make_config
 
@@ -94,7 +94,7 @@ def distill_config(arch, weights, normalization, num_classes, family, width, dep
         kd_lr=kd_lr, kd_temperature=kd_temperature, kd_mode=kd_mode, seed=seed,
         eval_data=None if no_eval else (eval_data or "auto"), eval_every=eval_every,
         checkpoint_every=checkpoint_every, pool_memory_mb=pool_memory_mb, device=device,
-        channels_last=channels_last, fused_lif=not norse_lif)
+        channels_last=channels_last, lif_kernel=lif_kernel)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -155,7 +155,9 @@ def cli():
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--teacher-bf16", is_flag=True, default=None, help="Run the teacher under bfloat16 autocast.")
 @click.option("--channels-last", is_flag=True, default=None, help="NHWC memory layout for the convolutions.")
-@click.option("--norse-lif", is_flag=True, help="Step the student's LIF layers with Norse instead of the fused path.")
+@click.option("--lif-kernel", default="auto", show_default=True,
+              help="Student LIF layers: norse (step Norse's cell), fused (one autograd node), compiled "
+                   "(torch.compile'd fused kernels); auto: compiled on CUDA, norse on the CPU.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--name", "run_name", default=None, help="Run directory name [derived from the config].")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,

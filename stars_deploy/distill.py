@@ -41,7 +41,7 @@ from .runs import (CHECKPOINT, DISTILL, MANIFEST, POOL_DIR, RUN_FORMAT, STUDENT,
 from .neurons import LIFConfig
 from .students import StudentConfig, build_student, save_student
 from .generator import GENERATOR_STEPS, GENERATOR_Z_LR, GeneratorSynthesizer
-from .neurons import set_fused_lif
+from .neurons import LIF_KERNELS, resolve_lif_kernel, set_lif_kernel
 from .synthesis import PixelSynthesizer, SynthesisConfig
 from .teacher_training import ensure_default_teacher
 from .teachers import Normalizer, TeacherSpec, load_teacher
@@ -86,7 +86,7 @@ class DistillConfig:
     checkpoint_every: int = 5
     pool_memory_mb: float = 1024.0
     device: str = "auto"
-    fused_lif: bool = True  # the student's LIF layers as one autograd node each (same spikes as Norse)
+    lif_kernel: str = "auto"  # norse, fused, compiled; auto: compiled on CUDA, norse on the CPU (neurons.py)
     channels_last: bool = False  # NHWC memory layout for the teacher's and the student's convolutions
 
     def __post_init__(self):
@@ -101,6 +101,8 @@ class DistillConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.kd_lr <= 0 or self.kd_temperature <= 0 or self.b_rca < 0 or self.pool_memory_mb <= 0:
             raise ConfigError("--kd-lr, --kd-temperature and --pool-memory-mb must be positive, --b-rca >= 0")
+        if self.lif_kernel not in LIF_KERNELS:
+            raise ConfigError(f"--lif-kernel {self.lif_kernel!r}: choose one of {', '.join(LIF_KERNELS)}")
         if self.kd_mode not in KD_MODES:
             raise ConfigError(f"--kd-mode {self.kd_mode!r}: choose one of {', '.join(KD_MODES)}")
         if self.objective not in OBJECTIVES and self.objective != "custom":
@@ -272,7 +274,7 @@ def _distill(config: DistillConfig, group: Group, start: float, runs_dir: Path, 
     student = build_student(config.student).to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.kd_lr)
     pool = SyntheticPool(group.pool_directory(run_dir / POOL_DIR), config.pool_memory_mb, device)
-    set_fused_lif(student, config.fused_lif)
+    set_lif_kernel(student, resolve_lif_kernel(config.lif_kernel, device))
     if config.channels_last:
         teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
     if config.synthesis.method == "generator":

@@ -6,23 +6,26 @@ resets at step i + 1 of every sample, see ``targets/loihi.py``) and runs under
 All samples run in one continuous run, T + D steps each: a source ``RingBuffer`` sends each
 sample's 13-bit input (the same integers the emulator uses,
 ``netx_format.input_bias_mantissa``) to the input layer's ``a_in`` during that sample's
-steps. Every spiking layer's output feeds a ``RingBuffer`` sink and a ``Read`` process
-records the last layer's u every step; their windows (layer i: steps i + 1 .. i + T of each
-sample) fill the record. No pause, no Var set between samples: netx's reset_interval does
-the per-sample reset.
+steps. Every spiking layer's output feeds a recorder and another records the last layer's u
+every step through a RefPort (both write .npy files: targets/lava_recorders.py); their
+windows (layer i: steps i + 1 .. i + T of each sample) fill the record. No pause, no Var set
+between samples: netx's reset_interval does the per-sample reset.
 
 This module is the one place that knows Lava's quirks (docs/ENVIRONMENT.md): the
-``object_detection`` stub needed to import lava-dl without cv2/torchvision, ``net.stop()`` in
-a ``finally`` (otherwise the interpreter hangs at exit), and the worker traceback that Lava
-keeps in its actors. Lava is optional: ``lava_available()`` says whether it imports.
+``object_detection`` stub needed to import lava-dl without cv2/torchvision, Lava's forced
+'fork' start method, ``net.stop()`` in a ``finally`` (otherwise the interpreter hangs at
+exit), and the worker traceback that Lava keeps in its actors. Lava is optional: ``lava_available()`` says whether it imports.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import sys
+import tempfile
 import time
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +60,13 @@ def import_lava() -> dict:
         from lava.lib.dl.netx import hdf5
         from lava.magma.core.run_conditions import RunSteps
         from lava.magma.core.run_configs import Loihi2SimCfg
-        from lava.proc.io.sink import Read, RingBuffer
         from lava.proc.io.source import RingBuffer as Source
+
+        from . import lava_recorders
     except ImportError as exc:
         raise LavaError(f"Lava is not installed ({exc}): run `make lava` (lava-nc 0.10.0, lava-dl 0.6.0)") from None
     return {"Network": hdf5.Network, "RunSteps": RunSteps, "Loihi2SimCfg": Loihi2SimCfg,
-            "RingBuffer": RingBuffer, "Read": Read, "Source": Source}
+            "Source": Source, "recorders": lava_recorders}
 
 
 def lava_available() -> bool:
@@ -88,13 +92,8 @@ def _whc(array: np.ndarray) -> np.ndarray:
     return array.transpose(2, 1, 0) if array.ndim == 3 else array
 
 
-def _chw_steps(data: np.ndarray) -> np.ndarray:
-    """Lava's (W, H, C, steps) or (N, steps) -> (steps, C, H, W) or (steps, N)."""
-    return data.transpose(3, 2, 1, 0) if data.ndim == 4 else data.T
-
-
 class LavaRunner:
-    """Runs a .net file in Lava's fixed-point simulator, sample by sample."""
+    """Runs a .net file in Lava's fixed-point simulator, all samples in one continuous run."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -120,35 +119,46 @@ class LavaRunner:
             raise LavaError(f"{self.path}: netx built {len(net.layers)} layers, the file describes {len(layers)}")
         source = lava["Source"](data=np.repeat(frames, period, axis=-1))
         source.s_out.connect(net.layers[0].neuron.a_in)
-        sinks = {}
+        recorders = lava["recorders"]
+        folder = Path(tempfile.mkdtemp(prefix="stars-lava-"))
+        files = {}
         for index, block in enumerate(net.layers):
             if meta[index]["spiking"]:
-                sinks[index] = lava["RingBuffer"](shape=block.out.shape, buffer=total)
-                block.out.connect(sinks[index].a_in)
-        reader = None
+                files[index] = recorders.record_file(folder, f"spikes{index}", total, tuple(block.out.shape))
+                block.out.connect(recorders.StepFile(shape=block.out.shape, path=files[index]).a_in)
+        u_path = None
         if not meta[-1]["spiking"]:
-            reader = lava["Read"](buffer=total)
-            reader.connect_var(net.layers[-1].neuron.u)
+            u = net.layers[-1].neuron.u
+            u_path = recorders.record_file(folder, "u", total, tuple(u.shape))
+            recorders.VarFile(var=u, path=u_path)
         try:
-            net.run(condition=lava["RunSteps"](num_steps=total), run_cfg=lava["Loihi2SimCfg"](select_tag=SELECT_TAG))
+            with warnings.catch_warnings():
+                # Lava's model search execs every module beside the recorders and warns for each
+                warnings.filterwarnings("ignore", message="Cannot import module")
+                net.run(condition=lava["RunSteps"](num_steps=total), run_cfg=lava["Loihi2SimCfg"](select_tag=SELECT_TAG))
             run_s = time.perf_counter() - start
-            recorded = {index: sink.data.get() for index, sink in sinks.items()}
-            currents = reader.data.get() if reader is not None else None
         except Exception as exc:
             raise LavaError(f"Lava failed running {self.path}: {type(exc).__name__}: {exc} "
                             f"{_worker_errors(net)}".strip()) from None
         finally:
             net.stop()
+        try:
+            recorded = {index: np.load(path) for index, path in files.items()}
+            currents = np.load(u_path) if u_path is not None else None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
         def windows(data: np.ndarray, first: int) -> torch.Tensor:
-            """(total steps, ...) -> (T, B, ...): steps first + 1 .. first + T of every sample."""
-            per_sample = _chw_steps(np.asarray(data)).reshape(samples, period, *data.shape[:-1][::-1])
+            """(total steps, Lava's W, H, C or N) -> (T, B, C, H, W or N): steps first + 1 ..
+            first + T of every sample."""
+            chw = data.transpose(0, 3, 2, 1) if data.ndim == 4 else data
+            per_sample = chw.reshape(samples, period, *chw.shape[1:])
             return torch.from_numpy(per_sample[:, first:first + steps].swapaxes(0, 1).astype(np.int64))
         spikes_of = {index: windows(data, index) > 0 for index, data in recorded.items()}
         spikes = {meta[i]["spike_name"]: s.to(torch.float32) for i, s in spikes_of.items()}
         synops = {meta[i]["spike_name"]: fan_out_synops(layers[i + 1], s)
                   for i, s in spikes_of.items() if i + 1 < len(layers)}
-        if reader is not None:
+        if u_path is not None:
             logits_t = readout_logits(windows(currents, delay), layers[-1], meta[-1]["exponent"])
         else:
             logits_t = spikes_of[len(layers) - 1].flatten(2).to(torch.float32)

@@ -8,8 +8,10 @@ State variables (per neuron, per step; widths as on Loihi):
 - ``a_in``  synaptic input, integer. Conv: the 24-bit wrapped sum ``(x + 2^23) mod 2^24 - 2^23``
   of weight x spike; dense: ``(sum w' s) << e`` or ``>> -e`` (arithmetic) with w' and e as netx's
   ``optimize_weight_bits`` and Lava's ``clip_weights``/``truncate_weights`` make them from the
-  file's weights (``netx_dense_weights``). Sums are taken in float64 (exact below 2^53, the
-  exporter keeps them below 2^23) and rounded to int64.
+  file's weights (``netx_dense_weights``). Sums are taken in float32 when the largest sum of
+  |w| into one neuron is below 2^24 (every partial sum is then an exact float32 integer) on
+  the CPU, else in float64 (exact below 2^53; always on CUDA, where float32 convolutions may
+  run in TF32), and rounded to int64.
 - ``u``  current, 24-bit signed: ``u = sign(u) ((|u| (4096 - iDecay)) >> 12) + (a_in << 6)``
   with ``iDecay = du + 1`` (netx passes ``du = iDecay - 1``, the model adds the 1 back), then
   wrapped once: ``u > 2^23 -> u - 2^24``, ``u <= -2^23 -> u + 2^24``.
@@ -60,6 +62,7 @@ THRESHOLD_SHIFT = 6
 BIAS_EXP = 6  # netx fixes the bias exponent
 STATE_HALF_RANGE = 1 << 23  # u and v are 24-bit signed
 CONV_SUM_BITS = 24  # Lava's fixed-point conv wraps its output to 24 bits
+FLOAT32_EXACT = 1 << 24  # integers below this add exactly in float32
 NETX_WEIGHT_MAX, NETX_WEIGHT_MIN = 254, -256
 
 
@@ -110,9 +113,25 @@ def netx_dense_weights(weight: np.ndarray, source: str = "dense layer") -> tuple
     return w, -scale_bits
 
 
+def exact_float(weight: np.ndarray, device: torch.device = torch.device("cpu")) -> torch.dtype:
+    """float32 when every partial sum of weight x {0, 1} is an integer below 2^24 in magnitude
+    (the largest sum of |w| into one neuron bounds them all, in any summation order), so the
+    sum is exact in float32; float64 otherwise (exact below 2^53), and always on CUDA, where
+    cuDNN may compute float32 convolutions in TF32 (10-bit mantissa)."""
+    if torch.device(device).type != "cpu":
+        return torch.float64
+    largest = np.abs(np.asarray(weight, dtype=np.float64)).reshape(len(weight), -1).sum(1).max()
+    return torch.float32 if largest < FLOAT32_EXACT else torch.float64
+
+
 def _decay(state: torch.Tensor, decay: int) -> torch.Tensor:
-    """sign(x) * ((|x| * (4096 - decay)) >> 12): Loihi's decay, truncating toward zero."""
-    return torch.sign(state) * ((state.abs() * (DECAY_UNITY - decay)) >> DECAY_SHIFT)
+    """sign(x) * ((|x| * (4096 - decay)) >> 12): Loihi's decay, truncating toward zero (that
+    is integer division of x * (4096 - decay) by 4096 rounded toward zero)."""
+    if decay == DECAY_UNITY:
+        return torch.zeros_like(state)
+    if decay == 0:
+        return state
+    return torch.div(state * (DECAY_UNITY - decay), DECAY_UNITY, rounding_mode="trunc")
 
 
 def cuba_run(a_in: torch.Tensor | None, bias: torch.Tensor, layer: NetxLayer, steps: int,
@@ -154,19 +173,21 @@ class LoihiEmulator:
         dev = self.device
         bias = torch.as_tensor(layer.bias if layer.bias is not None else np.zeros(1, np.int64), device=dev)
         if layer.kind == "conv":
-            weight = torch.as_tensor(layer.weight, dtype=torch.float64, device=dev)
+            dtype = exact_float(layer.weight, dev)
+            weight = torch.as_tensor(layer.weight, dtype=dtype, device=dev)
             geometry = (layer.stride, layer.padding, layer.dilation, layer.groups)
             half = 1 << (CONV_SUM_BITS - 1)
 
             def conv(spikes):
-                total = F.conv2d(spikes.to(torch.float64), weight, None, *geometry).round().to(torch.int64)
+                total = F.conv2d(spikes.to(dtype), weight, None, *geometry).round().to(torch.int64)
                 return (total + half) % (2 * half) - half  # Lava's signed_clamp: a 24-bit wrap
             return conv, bias.view(-1, 1, 1)
         weights, exponent = netx_dense_weights(layer.weight, f"{self.source} layer {index}")
-        weight = torch.as_tensor(weights, dtype=torch.float64, device=dev)
+        dtype = exact_float(weights, dev)
+        weight = torch.as_tensor(weights, dtype=dtype, device=dev)
 
         def dense(spikes):
-            total = F.linear(spikes.flatten(1).to(torch.float64), weight).round().to(torch.int64)
+            total = F.linear(spikes.flatten(1).to(dtype), weight).round().to(torch.int64)
             return total << exponent if exponent > 0 else total >> -exponent
         return dense, bias
 
@@ -228,12 +249,12 @@ def on_chip_neurons(network: NetxNetwork) -> int:
 
 def fan_out_synops(target: NetxLayer, spikes: torch.Tensor) -> float:
     """Synaptic events the (T, B, ...) ``spikes`` cause in the next layer ``target``."""
-    flat = spikes.flatten(0, 1).to(torch.float32)
+    flat = spikes.flatten(0, 1).to(torch.float64)  # float64: exact counts, no TF32 on CUDA
     if target.kind == "dense":
         return float(flat.sum()) * int(target.weight.shape[0])
     if target.groups != 1:
         return float(flat.sum()) * int(target.weight[0].size)
-    ones = torch.ones((1, 1, *target.weight.shape[2:]), device=flat.device)
+    ones = torch.ones((1, 1, *target.weight.shape[2:]), dtype=torch.float64, device=flat.device)
     hits = F.conv2d(flat.sum(1, keepdim=True), ones, None, target.stride, target.padding, target.dilation)
     return float(hits.sum()) * int(target.weight.shape[0])
 

@@ -13,7 +13,7 @@ import torch
 from stars_deploy.data import load_digits_split
 from stars_deploy.exporters.loihi_export import (STATE_LIMIT, THRESHOLD_MANT_MAX, WEIGHT_MAX, WEIGHT_MIN,
                                                  LoihiExportError, lower_nir)
-from stars_deploy.exporters.netx_format import (NETX_FORMAT, InputStage, NetxLayer, NetxNetwork, NeuronConfig,
+from stars_deploy.exporters.netx_format import (NETX_FORMAT, InputStage, NetxFormatError, NetxLayer, NetxNetwork, NeuronConfig,
                                                 read_network, write_network)
 from stars_deploy.exporters.nir_export import student_to_nir
 from stars_deploy.folding import fold_student
@@ -90,6 +90,7 @@ def edge_dense_network(rng) -> NetxNetwork:
         flat[:len(extra)] = extra
         return w
     w1 = weights((12, 16), (WEIGHT_MIN, WEIGHT_MAX, WEIGHT_MIN, WEIGHT_MAX))
+    w1[1], w1[2] = WEIGHT_MAX, WEIGHT_MIN  # drive u of these neurons to the 24-bit edge
     w2 = rng.integers(-255, 255, size=(10, 12))  # odd weights: netx's 9-bit path
     w2[0, :2] = (WEIGHT_MIN, 253)
     w3 = -2 * rng.integers(0, 129, size=(8, 10))  # all-inhibitory, with -256 (Lava makes it -255)
@@ -104,7 +105,7 @@ def edge_dense_network(rng) -> NetxNetwork:
     ]
     meta = [{"spike_name": f"l{i}", "exponent": 0, "spiking": True} for i in range(4)]
     stage = InputStage("dense", np.eye(16), np.zeros(16), 1.0, 0.0, (16,))
-    return NetxNetwork(layers, stage, {"format": NETX_FORMAT, "timesteps": 40, "readout": "spikes", "layers": meta})
+    return NetxNetwork(layers, stage, {"format": NETX_FORMAT, "timesteps": 60, "readout": "spikes", "layers": meta})
 
 
 def edge_conv_network(rng) -> NetxNetwork:
@@ -139,8 +140,15 @@ def test_edge_case_networks_spike_identically_in_lava_and_the_emulator(tmp_path)
         lava = load_lava(path).run(inputs)
         assert_identical(lava, emulator)
         assert sum(emulator.spike_counts().values()) > 0, "a silent network proves nothing"
-    # the dense network really reached the edges: clipped inputs, wrapped u
-    assert load_emulator(tmp_path / "dense.net").run(dense_inputs).input_clipped == 2
+    # the dense network really reached the edges: clipped inputs, u wrapped past 2^23 in layer 1
+    network = read_network(tmp_path / "dense.net")
+    emulator = LoihiEmulator(network)
+    record = emulator.run(dense_inputs)
+    assert record.input_clipped == 2
+    synapse, bias = emulator.synapses[1]
+    a_in = synapse(record.spikes["l0"].flatten(0, 1)).unflatten(0, record.spikes["l0"].shape[:2])
+    _, u = cuba_run(a_in, bias, network.layers[1], a_in.shape[0], tuple(a_in.shape[1:]))
+    assert u.max() > 2**22 and u.min() < -2**22 and (u.diff(dim=0).abs() > 2**23).any()
 
 
 # ---- the exported student on real digits -----------------------------------------------------
@@ -224,3 +232,23 @@ def test_lowering_refuses_what_netx_cannot_run_naming_the_node(random_student):
     with pytest.raises(LoihiExportError, match="'fc' is on a cycle.*recurren"):
         lower_nir(nir.NIRGraph(nodes=nodes, edges=edges + [("lif", "fc")], metadata={}, type_check=False),
                   dt_s=1e-3, timesteps=4)
+
+
+def test_synaptic_sums_use_float32_only_where_exact():
+    from stars_deploy.targets.loihi import exact_float
+
+    assert exact_float(np.full((4, 576), 254)) == torch.float32  # the students' conv layers
+    assert exact_float(np.full((2, 70000), 254)) == torch.float64  # sums can pass 2^24
+    assert exact_float(np.full((4, 576), 254), torch.device("cuda")) == torch.float64  # TF32 convolutions
+
+
+def test_reading_a_netx_file_not_written_here_fails_naming_it(tmp_path):
+    import h5py
+
+    path = tmp_path / "slayer.net"
+    with h5py.File(path, "w") as handle:
+        handle.create_group("layer/0")
+    with pytest.raises(NetxFormatError, match="slayer.net has no 'stars' group"):
+        load_emulator(path)
+    with pytest.raises(NetxFormatError, match="does not exist"):
+        load_emulator(tmp_path / "missing.net")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stars_deploy.errors import ConfigError
-from stars_deploy.neurons import LIFConfig, LIFSequence, set_fused_lif
+from stars_deploy.neurons import LIFConfig, LIFSequence, resolve_lif_kernel, set_lif_kernel
 
 
 def run(config: LIFConfig, inputs: list[float]):
@@ -72,13 +72,15 @@ def test_bad_neuron_parameters_are_refused(values, match):
         LIFConfig(**values)
 
 
+@pytest.mark.parametrize("kernel", ["fused", "compiled"])
 @pytest.mark.parametrize("config", [LIFConfig(), LIFConfig(tau_mem_steps=3.0, v_leak=0.1, v_reset=-0.2)])
-def test_fused_lif_gives_norse_spikes_and_gradients(config):
-    """The fused multi-step LIF against Norse's step function: the same spikes bit for bit
-    (inputs placed exactly at the threshold included) and the same surrogate gradients."""
+def test_fused_lif_gives_norse_spikes_and_gradients(config, kernel):
+    """The one-node LIF (eager, and torch.compile'd into fused kernels) against Norse's step
+    function: the same spikes bit for bit (inputs placed exactly at the threshold included)
+    and the same surrogate gradients."""
     torch.manual_seed(0)
     norse_path, fused_path = LIFSequence(config), LIFSequence(config)
-    assert set_fused_lif(fused_path, True) == 1
+    assert set_lif_kernel(fused_path, kernel) == 1
     currents = torch.randn(6, 32, 4, 5, 5) * 2
     currents[:, 0] = 2.0  # v lands exactly on v_th = 1 at step 1 for the default neuron
     inputs = [currents.clone().requires_grad_(True) for _ in range(2)]
@@ -92,5 +94,9 @@ def test_fused_lif_gives_norse_spikes_and_gradients(config):
     torch.testing.assert_close(inputs[1].grad, inputs[0].grad, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_lif_leaves_cuba_neurons_on_norse():
-    assert set_fused_lif(LIFSequence(LIFConfig(tau_syn_steps=2.0)), True) == 0
+def test_fused_lif_leaves_cuba_neurons_on_norse_and_checks_names():
+    assert set_lif_kernel(LIFSequence(LIFConfig(tau_syn_steps=2.0)), "fused") == 0
+    with pytest.raises(ConfigError, match="LIF kernel 'triton'"):
+        set_lif_kernel(LIFSequence(LIFConfig()), "triton")
+    assert resolve_lif_kernel("auto", torch.device("cpu")) == "norse"
+    assert resolve_lif_kernel("auto", torch.device("cuda")) == "compiled"

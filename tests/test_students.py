@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stars_deploy.errors import CheckpointError, ConfigError
-from stars_deploy.neurons import LIFConfig, set_fused_lif
+from stars_deploy.neurons import LIFConfig, set_lif_kernel
 from stars_deploy.students import (StudentConfig, build_student, convnet_layout, load_student,
                                    save_student)
 
@@ -111,8 +111,9 @@ def test_bad_student_configs(values, match):
         StudentConfig(**values)
 
 
+@pytest.mark.parametrize("kernel", ["fused", "compiled"])
 @pytest.mark.parametrize("family,depth", [("convnet", 3), ("resnet", 8)])
-def test_fused_lif_student_matches_the_norse_student(family, depth):
+def test_fused_lif_student_matches_the_norse_student(family, depth, kernel):
     """The fast path used in distillation against the Norse reference, whole network: every
     layer's spikes equal, logits equal, and the weight gradients equal to float rounding."""
     torch.manual_seed(0)
@@ -120,7 +121,7 @@ def test_fused_lif_student_matches_the_norse_student(family, depth):
     reference = build_student(config)
     fast = build_student(config)
     fast.load_state_dict(reference.state_dict())
-    assert set_fused_lif(fast, True) > 0
+    assert set_lif_kernel(fast, kernel) > 0
     images = torch.randn(16, 1, 8, 8) * 2
     out_ref, out_fast = reference(images), fast(images)
     assert out_ref.spikes.keys() == out_fast.spikes.keys()
