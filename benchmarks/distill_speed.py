@@ -84,8 +84,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as runs_dir:
-        if device.type == "cuda":  # CUDA context, cuDNN autotuning, compiling the LIF kernels: not measured
-            warm = "host" if "host" in args.variants else args.variants[0]
+        if device.type == "cuda" or "host" in args.variants:  # CUDA context, cuDNN autotuning, compiling
+            warm = "host" if "host" in args.variants else args.variants[0]  # the LIF kernels: not measured
             measure(argparse.Namespace(**{**vars(args), "rounds": 1}), warm, args.batch_sizes[0], Path(runs_dir))
         for batch_size in args.batch_sizes:
             for variant in args.variants:
