@@ -22,14 +22,18 @@ MIN_FEATURE_NORM = 1e-6
 
 
 def bn_statistics_loss(inputs: torch.Tensor, running_mean: torch.Tensor,
-                       running_var: torch.Tensor) -> torch.Tensor:
+                       running_var: torch.Tensor, groups: int = 1) -> torch.Tensor:
     r"""One BatchNorm layer's term of L_BN (DeepInversion):
     :math:`\|\mu_{NHW}(x) - \mu_{run}\|_2 + \|\sigma^2_{NHW}(x) - \sigma^2_{run}\|_2`,
-    with the biased batch variance."""
-    dims = [0] + list(range(2, inputs.dim()))
-    mean = inputs.mean(dim=dims)
-    var = inputs.var(dim=dims, unbiased=False)
-    return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
+    with the biased batch variance. With ``groups`` G > 1 the batch is G independent batches
+    of N/G samples (consecutive rows), each matched on its own, and the G terms are averaged:
+    optimising G batches at once then means what optimising them one after another means."""
+    grouped = inputs.reshape(groups, inputs.shape[0] // groups, *inputs.shape[1:])
+    dims = [1] + list(range(3, grouped.dim()))
+    mean = grouped.mean(dim=dims)  # (G, C)
+    var = grouped.var(dim=dims, unbiased=False)
+    return (torch.linalg.vector_norm(mean - running_mean, dim=1)
+            + torch.linalg.vector_norm(var - running_var, dim=1)).mean()
 
 
 def gaussian_tail(k: float) -> float:
@@ -146,8 +150,10 @@ class TeacherProbe:
     """Forward hooks on every BatchNorm layer of a teacher that, while ``active``, collect
     L_BN from the layer inputs and L_TAR from the layer outputs (before the nonlinearity)."""
 
-    def __init__(self, layers: list[tuple[str, nn.BatchNorm2d]], tar_ks: tuple[float, ...] = (1.0, 2.0)):
+    def __init__(self, layers: list[tuple[str, nn.BatchNorm2d]], tar_ks: tuple[float, ...] = (1.0, 2.0),
+                 bn_groups: int = 1):
         self.tar_ks = tar_ks
+        self.bn_groups = bn_groups
         self.active = False
         self.want_tar = False
         self.tar_temperature = 0.1
@@ -158,7 +164,8 @@ class TeacherProbe:
     def _hook(self, module: nn.BatchNorm2d, inputs, output) -> None:
         if not self.active:
             return
-        self.bn_terms.append(bn_statistics_loss(inputs[0].float(), module.running_mean, module.running_var))
+        self.bn_terms.append(bn_statistics_loss(inputs[0].float(), module.running_mean, module.running_var,
+                                                self.bn_groups))
         if self.want_tar:
             self.tar_terms.append(tar_layer_loss(output.float(), module.weight, module.bias,
                                                  self.tar_ks, self.tar_temperature))

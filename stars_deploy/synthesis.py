@@ -57,6 +57,7 @@ class SynthesisConfig:
     generator_lr: float = 4e-3  # generator host: inner learning rate of the generator weights
     z_dim: int = 256  # generator host: latent size
     teacher_bf16: bool = False  # run the teacher under bfloat16 autocast (the losses stay float32)
+    bn_groups: int = 1  # the batch as G independent batches for L_BN (many batches optimised at once)
 
     def __post_init__(self):
         for name in ("batch_size", "steps", "student_every"):
@@ -65,6 +66,9 @@ class SynthesisConfig:
         for name in ("lr", "l_bn", "l_ce", "l_adv", "l_tv", "l_l2", "l_rca", "l_tar"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.bn_groups < 1 or self.batch_size % self.bn_groups:
+            raise ConfigError(f"--bn-groups {self.bn_groups} must be at least 1 and divide --batch-size "
+                              f"{self.batch_size}")
         if self.method not in SYNTHESIS_METHODS:
             raise ConfigError(f"--synthesizer {self.method!r}: choose one of {', '.join(SYNTHESIS_METHODS)}")
         if self.generator_lr <= 0 or self.z_dim < 1:
@@ -107,7 +111,7 @@ class Synthesizer:
         self.num_classes = num_classes
         self.flip = config.flip and allow_flip
         self.low, self.high = normalizer.bounds()
-        self.probe = TeacherProbe(batchnorm_layers(teacher), tuple(config.tar_ks))
+        self.probe = TeacherProbe(batchnorm_layers(teacher), tuple(config.tar_ks), config.bn_groups)
         self.probe.want_tar = config.l_tar > 0
 
     def jitter(self, side: int) -> int:

@@ -127,3 +127,20 @@ def test_rca_ignores_silent_samples_and_keeps_gradients_bounded():
     keep = [0, 1, 3, 4, 5]
     expected = rca_loss(teacher[keep], student.detach()[keep]) * (5 / 6) ** 2
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_grouped_bn_loss_is_the_mean_of_each_group_matched_on_its_own():
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 4, 4) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
+    mean, var = torch.rand(3), torch.rand(3) + 0.5
+    separate = [bn_statistics_loss(part, mean, var) for part in x.split(4)]
+    torch.testing.assert_close(bn_statistics_loss(x, mean, var, groups=3), torch.stack(separate).mean())
+    assert not torch.allclose(bn_statistics_loss(x, mean, var, groups=3), bn_statistics_loss(x, mean, var))
+
+
+def test_bn_groups_must_divide_the_batch():
+    from stars_deploy.errors import ConfigError
+    from stars_deploy.synthesis import SynthesisConfig
+
+    with pytest.raises(ConfigError, match="--bn-groups 3 must be at least 1 and divide --batch-size 128"):
+        SynthesisConfig(batch_size=128, bn_groups=3)
