@@ -259,7 +259,27 @@ def main(argv: list[str] | None = None) -> None:
     except StarsDeployError as exc:
         click.echo(f"stars-deploy: error: {exc}", err=True)
         sys.exit(2)
+    except Exception as exc:
+        peer = _peer_failure(exc)
+        if peer is None:
+            raise
+        click.echo(f"stars-deploy: error: {peer}", err=True)  # not the write it interrupted
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _peer_failure(exc: BaseException):
+    """The PeerError behind ``exc``, if ``exc`` was raised while handling one: torchrun's
+    SIGTERM can land inside a library call (a torch.save, say) whose own clean-up then fails."""
+    from .distributed import PeerError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, PeerError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 # export/simulate live in deploy_cli, which reuses emit() and the shared options above

@@ -175,3 +175,22 @@ def test_devices_and_timeout_under_torchrun(monkeypatch):
     monkeypatch.setenv(TIMEOUT_ENV, "soon")
     with pytest.raises(ConfigError, match=TIMEOUT_ENV):
         _timeout_s()
+
+
+def test_a_stop_that_interrupts_a_write_still_ends_in_the_one_line_error(capsys, monkeypatch):
+    """torchrun's SIGTERM can raise PeerError inside torch.save, whose clean-up then raises its
+    own RuntimeError: the CLI reports the PeerError, not the interrupted write."""
+    from stars_deploy import cli
+    from stars_deploy.distributed import PeerError
+
+    def interrupted_write(*args, **kwargs):
+        try:
+            raise PeerError("rank 0 of 2: stopped by torchrun; the job ends.")
+        except PeerError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    monkeypatch.setattr(cli.cli, "main", interrupted_write)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["distill"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "stars-deploy: error: rank 0 of 2: stopped by torchrun; the job ends."
