@@ -24,7 +24,7 @@ from stars_deploy.runs import latest_run
 from stars_deploy.targets.lava_sim import load_lava
 from stars_deploy.targets.loihi import load_emulator
 from stars_deploy.targets.record import spike_mismatches
-from stars_deploy.teachers import Normalizer
+from stars_deploy.targets.simulate import model_inputs
 
 EMULATOR_REPEATS = 5  # the emulator takes milliseconds: its best time of 5; Lava runs once
 
@@ -44,8 +44,7 @@ def net_file(path: Path | None) -> Path:
 def measure(path: Path, samples: int, device: str) -> dict:
     emulator = load_emulator(path, device=device)
     data = load_eval_data("digits").subset(samples)
-    normalization = emulator.metadata["normalization"]
-    images = Normalizer(normalization["mean"], normalization["std"])(data.images) if normalization else data.images
+    images = model_inputs(emulator.metadata, data.images)
     emulator.run(images[:2])  # warm-up (allocations, kernels)
     times = []
     for _ in range(EMULATOR_REPEATS):

@@ -8,22 +8,12 @@ from pathlib import Path
 from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import read_json
 from stars_deploy.progress import log
-from stars_deploy.runs import MANIFEST, STUDENT, sha256_file
+from stars_deploy.runs import STUDENT, sha256_file
 
 from .gates import GATES, evaluate, load_check_config, measured_values
-from .simulate import TARGETS, resolve_file, simulate
+from .simulate import TARGETS, resolve_file, run_eval_data, simulate
 
 DEFAULT_TARGET = "loihi"
-
-
-def _default_data(run_dir: Path) -> str:
-    """The data the run was evaluated on, when it names any; else the embedded digits."""
-    manifest = run_dir / MANIFEST
-    if manifest.is_file():
-        eval_data = read_json(manifest, "run manifest").get("config", {}).get("eval_data")
-        if eval_data:
-            return eval_data
-    return "digits"
 
 
 def _reusable(run_dir: Path, target: str, file: Path, request: dict) -> dict | None:
@@ -57,7 +47,7 @@ def check(run_dir: Path, target: str | None = None, limits: dict | None = None, 
     if not gates:
         where = f" or in {config_file}" if config_file else " (or a [check] table in stars-deploy.toml / pyproject.toml)"
         raise ConfigError(f"no gates to check: give at least one, e.g. --min-accuracy 0.9{where}")
-    data = data or settings.get("data") or _default_data(run_dir)
+    data = data or settings.get("data") or run_eval_data(run_dir)
     samples = samples if samples is not None else settings.get("samples")
     if samples is not None and samples < 1:
         raise ConfigError(f"samples must be at least 1, got {samples}")

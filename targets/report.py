@@ -32,9 +32,8 @@ from stars_deploy.errors import ConfigError  # noqa: E402
 from stars_deploy.fileio import read_json, write_bytes  # noqa: E402
 from stars_deploy.progress import log  # noqa: E402
 from stars_deploy.runs import DISTILL, MANIFEST, STUDENT  # noqa: E402
-from stars_deploy.teachers import Normalizer  # noqa: E402
 
-from .simulate import EXPORTED, TARGETS, load_target, simulate  # noqa: E402
+from .simulate import EXPORTED, TARGETS, load_target, model_inputs, run_eval_data, simulate  # noqa: E402
 
 REPORT = "report.html"
 PLOTS = "plots"
@@ -150,7 +149,7 @@ def _summaries(run_dir: Path, data: str | None, samples: int | None, device: str
         if stored.is_file():
             summaries[target] = read_json(stored, "simulation result")
         elif exported and target != "lava":
-            summaries[target] = simulate(run_dir, target, data or "digits", samples, compare="student", device=device)
+            summaries[target] = simulate(run_dir, target, data, samples, compare="student", device=device)
     return summaries
 
 
@@ -159,12 +158,8 @@ def _raster_spikes(run_dir: Path, summaries: dict[str, dict], device: str) -> tu
     if target is None:
         return None, {}
     run, metadata, _ = load_target(target, run_dir / "export" / EXPORTED[target], device=device)
-    data = load_eval_data(summaries[target].get("request", {}).get("data") or "digits").subset(1)
-    images = data.images
-    normalization = metadata.get("normalization")
-    if normalization:
-        images = Normalizer(normalization["mean"], normalization["std"])(images)
-    return target, run(images).cpu().spikes
+    data = load_eval_data(summaries[target].get("request", {}).get("data") or run_eval_data(run_dir)).subset(1)
+    return target, run(model_inputs(metadata, data.images)).cpu().spikes
 
 
 def write_report(run_dir: Path, data: str | None = None, samples: int | None = None, device: str = "cpu") -> dict:
@@ -176,8 +171,7 @@ def write_report(run_dir: Path, data: str | None = None, samples: int | None = N
     distill = read_json(run_dir / DISTILL, "distillation record") if (run_dir / DISTILL).is_file() else {}
     export_path = run_dir / "export" / "export.json"
     export = read_json(export_path, "export record") if export_path.is_file() else {}
-    if data is None:
-        data = manifest.get("config", {}).get("eval_data") or "digits"
+    data = data or run_eval_data(run_dir)
     summaries = _summaries(run_dir, data, samples, device)
     raster_target, raster = _raster_spikes(run_dir, summaries, device)
     plots = {

@@ -17,9 +17,9 @@ import torch
 
 from stars_deploy.data import load_eval_data
 from stars_deploy.errors import ConfigError
-from stars_deploy.fileio import write_json
+from stars_deploy.fileio import read_json, write_json
 from stars_deploy.progress import log
-from stars_deploy.runs import STUDENT, sha256_file
+from stars_deploy.runs import MANIFEST, STUDENT, sha256_file
 from stars_deploy.teachers import Normalizer
 
 from .record import TargetResult, concat_results, summarize
@@ -73,6 +73,22 @@ def _sibling(file: Path, target: str) -> Path:
     return sibling
 
 
+def model_inputs(metadata: dict, images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images as the exported file takes them: normalised as its metadata says."""
+    normalization = metadata.get("normalization")
+    return Normalizer(normalization["mean"], normalization["std"])(images) if normalization else images
+
+
+def run_eval_data(run_dir: Path) -> str:
+    """The data a run was evaluated on during distillation (its manifest), else the digits."""
+    manifest = Path(run_dir) / MANIFEST
+    if manifest.is_file():
+        eval_data = read_json(manifest, "run manifest").get("config", {}).get("eval_data")
+        if eval_data:
+            return eval_data
+    return "digits"
+
+
 def load_target(target: str, file: Path, dt_s: float | None = None, timesteps: int | None = None,
                 device: str = "cpu"):
     """(run(images) -> TargetResult, metadata, conventions paragraph) for one target's file."""
@@ -111,10 +127,7 @@ def simulate(path: Path, target: str = "nir", data: str = "digits", samples: int
         raise ConfigError(f"--compare {compare!r}: choose one of {', '.join(COMPARES)}")
     run, metadata, conventions = load_target(target, file, dt_s, timesteps, device)
     eval_data = load_eval_data(data).subset(samples)
-    normalization = metadata.get("normalization")
-    images = eval_data.images
-    if normalization:
-        images = Normalizer(normalization["mean"], normalization["std"])(images)
+    images = model_inputs(metadata, eval_data.images)
     reference_run = None
     if compare == "student":
         if run_dir is None:
