@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--synthesis-steps", type=int, default=None, help="[200 pixel, 5 generator]")
     parser.add_argument("--teacher-bf16", action="store_true")
     parser.add_argument("--bn-groups", type=int, default=1, help="the batch as G independent BN-matched batches")
+    parser.add_argument("--compile-synthesis", default="none", choices=["none", "default", "reduce-overhead"],
+                        help="torch.compile the teacher side of the synthesis objective")
     parser.add_argument("--kd-steps", type=int, default=100)
     parser.add_argument("--kd-batch-size", type=int, default=256)
     parser.add_argument("--eval-every", type=int, default=None, help="rounds [5 pixel, 50 generator]")
@@ -83,7 +85,7 @@ def main() -> None:
                                 normalization=args.normalization),
             student={"family": args.student, "width": width, "depth": depth, "timesteps": args.timesteps},
             synthesis={"batch_size": args.batch_size, "method": args.synthesizer, "teacher_bf16": args.teacher_bf16,
-                       "bn_groups": args.bn_groups,
+                       "bn_groups": args.bn_groups, "compile": args.compile_synthesis,
                        "steps": args.synthesis_steps or (200 if args.synthesizer == "pixel" else None)},
             budget_s=args.budget_s, rounds=None, kd_steps=args.kd_steps, kd_batch_size=args.kd_batch_size,
             eval_data=args.eval_data, eval_every=args.eval_every or (5 if args.synthesizer == "pixel" else 50),
@@ -98,6 +100,7 @@ def main() -> None:
         sys.exit(2)
     result = {"teacher": args.teacher_arch, "student": f"{args.student}{depth}-w{width}-T{args.timesteps}",
               "objective": args.objective, "synthesizer": args.synthesizer, "budget_s": args.budget_s,
+              "compile_synthesis": args.compile_synthesis,
               "history": [{k: h[k] for k in ("round", "elapsed_s", "student_accuracy", "agreement")}
                           for h in summary.get("history", []) if "student_accuracy" in h],
               **{k: summary.get(k) for k in ("teacher_accuracy", "student_accuracy", "agreement", "synthetic_images",

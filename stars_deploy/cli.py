@@ -72,7 +72,7 @@ def distill_config(arch, weights, normalization, num_classes, family, width, dep
                    budget_s, batch_size, synthesis_steps, synthesis_lr, l_bn, l_ce, l_adv, l_tv, l_l2, l_rca,
                    l_tar, b_rca, rca_variant, student_every, kd_steps, kd_batch_size, kd_lr, kd_temperature,
                    kd_mode, seed, eval_data, no_eval, eval_every, checkpoint_every, pool_memory_mb, device,
-                   teacher_bf16, channels_last, lif_kernel):
+                   teacher_bf16, channels_last, lif_kernel, compile_synthesis):
     """The DistillConfig for `distill`'s options (also used by `pipeline` for its [distill] table)."""
     from .distill import make_config
 
@@ -90,7 +90,7 @@ def distill_config(arch, weights, normalization, num_classes, family, width, dep
                    "l_ce": l_ce, "l_adv": l_adv, "l_tv": l_tv, "l_l2": l_l2, "l_rca": l_rca,
                    "l_tar": l_tar, "rca_variant": rca_variant, "student_every": student_every,
                    "method": method, "generator_lr": generator_lr, "teacher_bf16": teacher_bf16,
-                   "bn_groups": bn_groups},
+                   "bn_groups": bn_groups, "compile": compile_synthesis},
         rounds=rounds, budget_s=budget_s, b_rca=b_rca, kd_steps=kd_steps, kd_batch_size=kd_batch_size,
         kd_lr=kd_lr, kd_temperature=kd_temperature, kd_mode=kd_mode, seed=seed,
         eval_data=None if no_eval else (eval_data or "auto"), eval_every=eval_every,
@@ -162,6 +162,9 @@ def cli():
 @click.option("--lif-kernel", default="auto", show_default=True,
               help="Student LIF layers: norse (step Norse's cell), fused (one autograd node), compiled "
                    "(torch.compile'd fused kernels); auto: compiled on CUDA, norse on the CPU.")
+@click.option("--compile-synthesis", default=None,
+              help="torch.compile the teacher side of the synthesis objective: none, default, or "
+                   "reduce-overhead (also CUDA graphs on a GPU) [none]. Compiling takes ~10-70 s once.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--name", "run_name", default=None, help="Run directory name [derived from the config].")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,

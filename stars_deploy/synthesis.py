@@ -11,10 +11,17 @@ steps that need it: L_RCA and L_ADV are computed every ``student_every`` steps, 
 including the last step, because a student pass costs T times a teacher-sized pass.
 The generator host (generator.py) optimises the same objective through a generator;
 both share :class:`Synthesizer`, which owns the objective.
+
+With ``compile`` set, the teacher side of the objective (the teacher pass with its BatchNorm
+hooks, L_BN, L_TAR, L_CE, L_TV, L_L2; forward and backward) is one torch.compile'd graph:
+on the CPU, ResNet-20 at B 64, 3.6 -> 8.8 iterations/s after a ~66 s compilation.
+``reduce-overhead`` also replays it as CUDA graphs on a GPU (on the CPU it is ``default``).
+The jitter, the student terms and the optimiser step stay eager.
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -28,6 +35,7 @@ from .teachers import Normalizer, batchnorm_layers
 
 
 SYNTHESIS_METHODS = ("pixel", "generator")
+COMPILE_MODES = ("none", "default", "reduce-overhead")  # torch.compile's modes, or eager
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class SynthesisConfig:
     z_dim: int = 256  # generator host: latent size
     teacher_bf16: bool = False  # run the teacher under bfloat16 autocast (the losses stay float32)
     bn_groups: int = 1  # the batch as G independent batches for L_BN (many batches optimised at once)
+    compile: str = "none"  # torch.compile mode of the teacher side of the objective (COMPILE_MODES)
 
     def __post_init__(self):
         for name in ("batch_size", "steps", "student_every"):
@@ -73,6 +82,8 @@ class SynthesisConfig:
             raise ConfigError(f"--synthesizer {self.method!r}: choose one of {', '.join(SYNTHESIS_METHODS)}")
         if self.generator_lr <= 0 or self.z_dim < 1:
             raise ConfigError("--generator-lr must be positive and the latent size at least 1")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"--compile-synthesis {self.compile!r}: choose one of {', '.join(COMPILE_MODES)}")
         if self.rca_variant not in RCA_VARIANTS:
             raise ConfigError(f"--rca-variant {self.rca_variant!r}: choose one of {', '.join(RCA_VARIANTS)}")
         if self.tar_temperature <= 0:
@@ -113,34 +124,35 @@ class Synthesizer:
         self.low, self.high = normalizer.bounds()
         self.probe = TeacherProbe(batchnorm_layers(teacher), tuple(config.tar_ks), config.bn_groups)
         self.probe.want_tar = config.l_tar > 0
+        self._temperatures: torch.Tensor | None = None
+        self._compiled = (torch.compile(self._teacher_terms, mode=config.compile)
+                          if config.compile != "none" else None)
 
     def jitter(self, side: int) -> int:
         return self.config.jitter_px if self.config.jitter_px is not None else max(1, side // 16)
 
-    def _tar_temperature(self, step: int) -> float:
+    def _tar_temperature(self, step: int, device: torch.device) -> torch.Tensor:
+        """TAR's temperature at ``step``, annealed linearly over the steps: a 0-d tensor on the
+        device, from a schedule made once, so a compiled objective sees the same input each
+        step (a Python float would compile a second graph) and nothing is copied per step."""
         cfg = self.config
-        if cfg.tar_temperature_end is None or cfg.steps == 1:
-            return cfg.tar_temperature
-        fraction = step / (cfg.steps - 1)
-        return cfg.tar_temperature + fraction * (cfg.tar_temperature_end - cfg.tar_temperature)
+        if self._temperatures is None or self._temperatures.device != device:
+            end = cfg.tar_temperature if cfg.tar_temperature_end is None else cfg.tar_temperature_end
+            self._temperatures = torch.linspace(cfg.tar_temperature, end, cfg.steps).to(device)
+        return self._temperatures[step]
 
     def objective(self, images: torch.Tensor, targets: torch.Tensor, student: nn.Module | None,
                   step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(L_syn, its terms) for ``images`` at synthesis step ``step`` of ``config.steps``."""
         cfg = self.config
         augmented = random_jitter_flip(images, self.jitter(images.shape[-1]), self.flip)
-        self.probe.active = True
-        self.probe.tar_temperature = self._tar_temperature(step)
+        if self._compiled is not None and cfg.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are dead
         try:
-            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.teacher_bf16):
-                features = self.teacher.penultimate(augmented)
-                logits = self.teacher.head(features)
+            temperature = self._tar_temperature(step, images.device)
+            features, logits, terms = self._teacher_side(augmented, targets, temperature)
         finally:
             self.probe.active = False
-        features, logits = features.float(), logits.float()
-        bn, tar = self.probe.collect()
-        terms = {"bn": bn, "ce": F.cross_entropy(logits, targets),
-                 "tv": total_variation(augmented), "l2": augmented.pow(2).mean(), "tar": tar}
         if student is not None and (cfg.steps - 1 - step) % cfg.student_every == 0:
             out = student(augmented)
             if cfg.l_rca > 0:
@@ -150,6 +162,34 @@ class Synthesizer:
         loss = sum(getattr(cfg, f"l_{name}") * value for name, value in terms.items()
                    if getattr(cfg, f"l_{name}") > 0)
         return loss, terms
+
+    def _teacher_side(self, augmented: torch.Tensor, targets: torch.Tensor, tar_temperature: torch.Tensor):
+        """The compiled teacher side when ``compile`` asks for it and the compiler works here;
+        otherwise (or after a compiler failure, with a warning) the eager one."""
+        if self._compiled is not None:
+            try:
+                return self._compiled(augmented, targets, tar_temperature)
+            except Exception as exc:  # no working compiler here: eager computes the same terms
+                self._compiled = None
+                warnings.warn(f"torch.compile of the synthesis objective failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); running it eagerly",
+                              RuntimeWarning)
+                self.probe.collect()  # drop what a half-run graph left in the probe
+        return self._teacher_terms(augmented, targets, tar_temperature)
+
+    def _teacher_terms(self, augmented: torch.Tensor, targets: torch.Tensor, tar_temperature: torch.Tensor):
+        """(teacher features, teacher logits, {bn, ce, tv, l2, tar}) for the augmented batch:
+        everything of L_syn that does not need the student (one graph under torch.compile)."""
+        self.probe.active = True
+        self.probe.tar_temperature = tar_temperature
+        with torch.autocast(augmented.device.type, dtype=torch.bfloat16, enabled=self.config.teacher_bf16):
+            features = self.teacher.penultimate(augmented)
+            logits = self.teacher.head(features)
+        self.probe.active = False
+        features, logits = features.float(), logits.float()
+        bn, tar = self.probe.collect()
+        return features, logits, {"bn": bn, "ce": F.cross_entropy(logits, targets),
+                                  "tv": total_variation(augmented), "l2": augmented.pow(2).mean(), "tar": tar}
 
     @contextmanager
     def frozen_student(self, student: nn.Module | None):

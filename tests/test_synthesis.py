@@ -1,0 +1,80 @@
+"""The synthesis objective compiled (--compile-synthesis) against the eager reference."""
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+from conftest import randomize_batchnorm
+from stars_deploy.errors import ConfigError
+from stars_deploy.students import StudentConfig, build_student
+from stars_deploy.synthesis import PixelSynthesizer, SynthesisConfig
+from stars_deploy.teachers import ARCHITECTURES, Normalizer
+
+STEPS = 4
+
+
+def synthesizer(compile_mode: str, **options) -> PixelSynthesizer:
+    torch.manual_seed(0)
+    teacher = randomize_batchnorm(ARCHITECTURES["digits_cnn"].build(10, 1)).eval().requires_grad_(False)
+    config = SynthesisConfig(batch_size=16, steps=STEPS, l_tar=100.0, compile=compile_mode, **options)
+    return PixelSynthesizer(teacher, Normalizer((0.5,), (0.25,)), config, 10, allow_flip=True)
+
+
+def trajectory(synth: PixelSynthesizer, student=None) -> list:
+    """(loss, terms, pixel gradient) at every step of one batch, the jitter's RNG seeded."""
+    torch.manual_seed(3)
+    images = torch.randn(16, 1, 8, 8, requires_grad=True)
+    targets = torch.randint(10, (16,))
+    steps = []
+    for step in range(STEPS):
+        images.grad = None
+        loss, terms = synth.objective(images, targets, student, step)
+        loss.backward()
+        steps.append((loss.detach(), {k: v.detach() for k, v in terms.items()}, images.grad.clone()))
+    return steps
+
+
+def assert_same(eager: list, compiled: list) -> None:
+    for (loss_e, terms_e, grad_e), (loss_c, terms_c, grad_c) in zip(eager, compiled, strict=True):
+        assert terms_e.keys() == terms_c.keys()
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        for name in terms_e:
+            torch.testing.assert_close(terms_c[name], terms_e[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-7)
+
+
+def test_compiled_objective_gives_the_eager_terms_and_gradients_and_one_graph_for_all_steps():
+    eager = trajectory(synthesizer("none"))
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = trajectory(synthesizer("default"))
+    assert_same(eager, compiled)
+    # TAR's annealed temperature is a tensor input: the steps reuse the first step's graph
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 1
+
+
+def test_compiled_objective_with_the_student_terms():
+    student = build_student(StudentConfig(input_shape=(1, 8, 8), num_classes=10)).eval()
+    options = {"l_rca": 1.0, "student_every": 2}
+    assert_same(trajectory(synthesizer("none", **options), student),
+                trajectory(synthesizer("default", **options), student))
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_objective_with_a_warning():
+    eager = trajectory(synthesizer("none"))
+    synth = synthesizer("default")
+
+    def broken(*args):
+        synth.probe.active = True  # as a graph that failed halfway would leave the probe
+        synth.teacher.penultimate(args[0])
+        raise RuntimeError("InductorError: no working C compiler")
+
+    synth._compiled = broken
+    with pytest.warns(RuntimeWarning, match="torch.compile of the synthesis objective failed .*running it eagerly"):
+        fallback = trajectory(synth)
+    assert synth._compiled is None
+    assert_same(eager, fallback)
+
+
+def test_compile_mode_is_checked():
+    with pytest.raises(ConfigError, match="--compile-synthesis 'fast': choose one of none, default, reduce-overhead"):
+        SynthesisConfig(compile="fast")
