@@ -11,9 +11,11 @@ real distillation through the public API (stars_deploy.distill) with a round bud
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import resource
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,6 +64,23 @@ def measure(args, variant: str, batch_size: int, runs_dir: Path) -> dict:
             "peak_memory_mib": peak / 2**20}
 
 
+def sync_report(args, variant: str, batch_size: int, runs_dir: Path) -> list[tuple[str, int]]:
+    """Where one round of ``variant`` waits for the GPU: torch's sync debug mode warns at every
+    synchronising CUDA call; counted by the Python line that made it (CUDA only)."""
+    sites: collections.Counter = collections.Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            measure(argparse.Namespace(**{**vars(args), "rounds": 1}), variant, batch_size, runs_dir)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        if "synchronizing" in str(warning.message):
+            sites[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
+    return sites.most_common()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-arch", default="digits_cnn")
@@ -77,6 +96,8 @@ def main() -> None:
     parser.add_argument("--generator-steps", type=int, default=5)
     parser.add_argument("--kd-steps", type=int, default=10)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--sync-report", action="store_true",
+                        help="CUDA: after the table, count the host-device synchronisations of one round per variant")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     set_quiet(True)
@@ -100,6 +121,15 @@ def main() -> None:
                     print(f"| {r['variant']} | {r['batch_size']} | {r['device']} | {r['synthesis_iterations_per_s']:.1f} "
                           f"| {r['synthetic_images_per_s']:.0f} | {r['kd_images_per_s']:.0f} | {r['peak_memory_mib']:.0f} |",
                           flush=True)
+        if args.sync_report and device.type == "cuda":
+            for variant in args.variants:
+                sites = sync_report(args, variant, args.batch_sizes[0], Path(runs_dir))
+                if args.json:
+                    rows.append({"variant": variant, "sync_sites_one_round": dict(sites)})
+                else:
+                    listed = ", ".join(f"{site} x{count}" for site, count in sites) or "none"
+                    print(f"\nsyncs of {variant}, one round with set-up and final checkpoint: "
+                          f"{sum(c for _, c in sites)}: {listed}", flush=True)
     if args.json:
         print(json.dumps(rows))
 

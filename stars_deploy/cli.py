@@ -68,11 +68,11 @@ def make_teacher_spec(arch: str, weights: Path | None, normalization: str, num_c
 
 
 def distill_config(arch, weights, normalization, num_classes, family, width, depth, timesteps, tau_mem_steps,
-                   tau_syn_steps, surrogate, surrogate_alpha, objective, host, method, generator_lr, bn_groups, rounds,
-                   budget_s, batch_size, synthesis_steps, synthesis_lr, l_bn, l_ce, l_adv, l_tv, l_l2, l_rca,
-                   l_tar, b_rca, rca_variant, student_every, kd_steps, kd_batch_size, kd_lr, kd_temperature,
-                   kd_mode, seed, eval_data, no_eval, eval_every, checkpoint_every, pool_memory_mb, device,
-                   teacher_bf16, channels_last, lif_kernel, compile_synthesis):
+                   tau_syn_steps, surrogate, surrogate_alpha, objective, host, method, generator_lr, generator_meta,
+                   bn_groups, bn_momentum, rounds, budget_s, batch_size, synthesis_steps, synthesis_lr, l_bn,
+                   l_ce, l_adv, l_tv, l_l2, l_rca, l_tar, b_rca, rca_variant, student_every, kd_steps, kd_batch_size,
+                   kd_lr, kd_temperature, kd_mode, seed, eval_data, no_eval, eval_every, checkpoint_every,
+                   pool_memory_mb, device, teacher_bf16, channels_last, lif_kernel, compile_synthesis):
     """The DistillConfig for `distill`'s options (also used by `pipeline` for its [distill] table)."""
     from .distill import make_config
 
@@ -89,7 +89,8 @@ def distill_config(arch, weights, normalization, num_classes, family, width, dep
         synthesis={"batch_size": batch_size, "steps": synthesis_steps, "lr": synthesis_lr, "l_bn": l_bn,
                    "l_ce": l_ce, "l_adv": l_adv, "l_tv": l_tv, "l_l2": l_l2, "l_rca": l_rca,
                    "l_tar": l_tar, "rca_variant": rca_variant, "student_every": student_every,
-                   "method": method, "generator_lr": generator_lr, "teacher_bf16": teacher_bf16,
+                   "method": method, "generator_lr": generator_lr, "generator_meta": generator_meta,
+                   "bn_momentum": bn_momentum, "teacher_bf16": teacher_bf16,
                    "bn_groups": bn_groups, "compile": compile_synthesis},
         rounds=rounds, budget_s=budget_s, b_rca=b_rca, kd_steps=kd_steps, kd_batch_size=kd_batch_size,
         kd_lr=kd_lr, kd_temperature=kd_temperature, kd_mode=kd_mode, seed=seed,
@@ -123,6 +124,11 @@ def cli():
               help="pixel (optimise the pixels of each batch) or generator (FastDFKD: a generator "
                    "meta-learned across batches) [pixel].")
 @click.option("--generator-lr", type=float, default=None, help="Generator host: inner learning rate [4e-3].")
+@click.option("--generator-meta", default=None,
+              help="Generator host: meta gradient, reptile (G - G') or fomaml (first-order MAML) [reptile].")
+@click.option("--bn-momentum", type=float, default=None,
+              help="FastDFKD's BN momentum m: L_BN matches each batch's statistics blended with a running "
+                   "average of earlier batches [0].")
 @click.option("--bn-groups", type=int, default=None,
               help="Optimise the synthetic batch as G independent batches, each matched to the BN "
                    "statistics on its own (--batch-size 1024 --bn-groups 4 = four batches of 256 at once) [1].")

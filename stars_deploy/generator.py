@@ -6,7 +6,9 @@ few steps (``config.steps``, 5 by default for this host):
 
     for each batch:   z ~ N(0, I) (B x z_dim);  G' <- G                    (a fast copy)
                       repeat steps times: Adam on (z, G') for L_syn(G'(z)) (synthesis.py)
-                      G <- G - meta_lr (G - G')   via Adam on the Reptile gradient G - G'
+                      G <- Adam step on the meta gradient, meta_lr = lr_G * steps:
+                           reptile: G - G';  fomaml (first-order MAML): the sum over the
+                           inner steps of the gradients of L_syn at G'
 
 The images are mapped into the teacher's normalised pixel range by a sigmoid,
 x = low + (high - low) * sigmoid(G(z)), so they need no clipping. L_syn is the same
@@ -82,7 +84,7 @@ class GeneratorSynthesizer(Synthesizer):
         Reptile update of the generator; and the last step's loss terms."""
         cfg = self.config
         targets = self.random_targets(device)
-        z = torch.randn(cfg.batch_size, cfg.z_dim).to(device).requires_grad_(True)
+        z = torch.randn(cfg.batch_size, cfg.z_dim, device=device).requires_grad_(True)
         fast = copy.deepcopy(self.generator)
         optimizer = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": cfg.lr}],
                                      lr=cfg.generator_lr, betas=(cfg.beta1, 0.999))
@@ -93,20 +95,27 @@ class GeneratorSynthesizer(Synthesizer):
                 loss, terms = self.objective(images, targets, frozen, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.generator_meta == "fomaml":  # first order MAML: the fast copy's gradients, summed
+                    for slow, quick in zip(self.generator.parameters(), fast.parameters()):
+                        slow.grad = quick.grad.clone() if slow.grad is None else slow.grad.add_(quick.grad)
                 optimizer.step()
         with torch.no_grad():
             images = self._to_images(fast(z))  # the images of the last update
-        self.meta_optimizer.zero_grad(set_to_none=True)
-        for slow, quick in zip(self.generator.parameters(), fast.parameters()):
-            slow.grad = slow.detach() - quick.detach()
+        if cfg.generator_meta == "reptile":
+            for slow, quick in zip(self.generator.parameters(), fast.parameters()):
+                slow.grad = slow.detach() - quick.detach()
         self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self.probe.end_batch()
         for slow, quick in zip(self.generator.buffers(), fast.buffers()):
             slow.copy_(quick)  # BatchNorm running statistics (unused in training mode)
         return images, {name: float(value.detach()) for name, value in terms.items()}
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict()}
+        return {**super().state_dict(), "generator": self.generator.state_dict(),
+                "meta_optimizer": self.meta_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.generator.load_state_dict(state["generator"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])

@@ -7,6 +7,7 @@ Student:    L_stu = tau^2 KL(softmax(z_A/tau) || softmax(z_S/tau)) + b_rca L_RCA
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,19 +22,31 @@ MIN_ABS_GAMMA = 1e-3
 MIN_FEATURE_NORM = 1e-6
 
 
-def bn_statistics_loss(inputs: torch.Tensor, running_mean: torch.Tensor,
-                       running_var: torch.Tensor, groups: int = 1) -> torch.Tensor:
+def bn_statistics_loss(inputs: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                       groups: int = 1, history: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       momentum: float = 0.0) -> torch.Tensor:
     r"""One BatchNorm layer's term of L_BN (DeepInversion):
     :math:`\|\mu_{NHW}(x) - \mu_{run}\|_2 + \|\sigma^2_{NHW}(x) - \sigma^2_{run}\|_2`,
     with the biased batch variance. With ``groups`` G > 1 the batch is G independent batches
     of N/G samples (consecutive rows), each matched on its own, and the G terms are averaged:
-    optimising G batches at once then means what optimising them one after another means."""
-    grouped = inputs.reshape(groups, inputs.shape[0] // groups, *inputs.shape[1:])
-    dims = [1] + list(range(3, grouped.dim()))
-    mean = grouped.mean(dim=dims)  # (G, C)
-    var = grouped.var(dim=dims, unbiased=False)
+    optimising G batches at once then means what optimising them one after another means.
+    With a ``history`` (mean, var) of earlier batches (FastDFKD's BN momentum m), the batch
+    statistics are blended before matching: :math:`\mu \leftarrow (1 - m) \mu + m \mu_{hist}`,
+    likewise :math:`\sigma^2`, so a batch need only complete what earlier batches left off."""
+    mean, var = batch_statistics(inputs, groups)  # (G, C) each
+    if history is not None:
+        mean = (1 - momentum) * mean + momentum * history[0]
+        var = (1 - momentum) * var + momentum * history[1]
     return (torch.linalg.vector_norm(mean - running_mean, dim=1)
             + torch.linalg.vector_norm(var - running_var, dim=1)).mean()
+
+
+def batch_statistics(inputs: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over N, H, W of each of ``groups`` consecutive
+    slices of the batch: two (G, C) tensors."""
+    grouped = inputs.reshape(groups, inputs.shape[0] // groups, *inputs.shape[1:])
+    dims = [1] + list(range(3, grouped.dim()))
+    return grouped.mean(dim=dims), grouped.var(dim=dims, unbiased=False)
 
 
 def gaussian_tail(k: float) -> float:
@@ -148,24 +161,37 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
 
 class TeacherProbe:
     """Forward hooks on every BatchNorm layer of a teacher that, while ``active``, collect
-    L_BN from the layer inputs and L_TAR from the layer outputs (before the nonlinearity)."""
+    L_BN from the layer inputs and L_TAR from the layer outputs (before the nonlinearity).
+
+    With ``bn_momentum`` m > 0 the probe also keeps, per layer, a running (mean, var) of
+    the synthetic batches (FastDFKD): :meth:`end_batch` folds in the statistics of the last
+    forward pass, hist <- m hist + (1 - m) stat (the first batch sets it), and L_BN matches
+    the blend of each batch with that history (:func:`bn_statistics_loss`)."""
 
     def __init__(self, layers: list[tuple[str, nn.BatchNorm2d]], tar_ks: tuple[float, ...] = (1.0, 2.0),
-                 bn_groups: int = 1):
+                 bn_groups: int = 1, bn_momentum: float = 0.0):
         self.tar_ks = tar_ks
         self.bn_groups = bn_groups
+        self.bn_momentum = bn_momentum
         self.active = False
         self.want_tar = False
         self.tar_temperature = 0.1
         self.bn_terms: list[torch.Tensor] = []
         self.tar_terms: list[torch.Tensor] = []
-        self._handles = [layer.register_forward_hook(self._hook) for _, layer in layers]
+        self.history: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+        self._last: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+        self._handles = [layer.register_forward_hook(functools.partial(self._hook, index))
+                         for index, (_, layer) in enumerate(layers)]
 
-    def _hook(self, module: nn.BatchNorm2d, inputs, output) -> None:
+    def _hook(self, index: int, module: nn.BatchNorm2d, inputs, output) -> None:
         if not self.active:
             return
-        self.bn_terms.append(bn_statistics_loss(inputs[0].float(), module.running_mean, module.running_var,
-                                                self.bn_groups))
+        features = inputs[0].float()
+        self.bn_terms.append(bn_statistics_loss(features, module.running_mean, module.running_var,
+                                                self.bn_groups, self.history[index], self.bn_momentum))
+        if self.bn_momentum > 0:
+            mean, var = batch_statistics(features.detach(), self.bn_groups)
+            self._last[index] = (mean.mean(0), var.mean(0))
         if self.want_tar:
             self.tar_terms.append(tar_layer_loss(output.float(), module.weight, module.bias,
                                                  self.tar_ks, self.tar_temperature))
@@ -177,6 +203,15 @@ class TeacherProbe:
         tar = torch.stack(self.tar_terms).sum() if self.tar_terms else zero
         self.bn_terms, self.tar_terms = [], []
         return bn, tar
+
+    def end_batch(self) -> None:
+        """Fold the last pass's batch statistics into the history (with bn_momentum > 0)."""
+        if self.bn_momentum == 0:
+            return
+        m = self.bn_momentum
+        self.history = [last if old is None or last is None else (m * old[0] + (1 - m) * last[0],
+                                                                  m * old[1] + (1 - m) * last[1])
+                        for old, last in zip(self.history, self._last)]
 
     def remove(self) -> None:
         for handle in self._handles:

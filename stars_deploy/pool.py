@@ -102,12 +102,12 @@ class SyntheticPool:
         """``count`` images drawn uniformly with replacement from the whole pool."""
         if not self.chunks:
             raise RuntimeError("sampling from an empty synthetic pool")
+        resident = self._all_resident()
+        if resident is not None:  # drawn on the device: a copy of host indices would wait for the GPU
+            return resident[torch.randint(len(resident), (count,), device=self.device)]
         sizes = torch.tensor([c.size for c in self.chunks])
         ends = sizes.cumsum(0)
         picks = torch.randint(int(ends[-1]), (count,))
-        resident = self._all_resident()
-        if resident is not None:
-            return resident[picks.to(self.device)]
         owners = torch.searchsorted(ends, picks, right=True)
         offsets = picks - (ends - sizes)[owners]
         parts = torch.empty(count, *self._load(self.chunks[0]).shape[1:], device=self.device)

@@ -35,6 +35,7 @@ from .teachers import Normalizer, batchnorm_layers
 
 
 SYNTHESIS_METHODS = ("pixel", "generator")
+GENERATOR_META = ("reptile", "fomaml")
 COMPILE_MODES = ("none", "default", "reduce-overhead")  # torch.compile's modes, or eager
 
 
@@ -64,8 +65,10 @@ class SynthesisConfig:
     method: str = "pixel"  # or "generator" (generator.py): what the Adam steps update
     generator_lr: float = 4e-3  # generator host: inner learning rate of the generator weights
     z_dim: int = 256  # generator host: latent size
+    generator_meta: str = "reptile"  # generator host's meta gradient: reptile or fomaml (generator.py)
     teacher_bf16: bool = False  # run the teacher under bfloat16 autocast (the losses stay float32)
     bn_groups: int = 1  # the batch as G independent batches for L_BN (many batches optimised at once)
+    bn_momentum: float = 0.0  # FastDFKD's BN momentum: L_BN on each batch blended with earlier ones
     compile: str = "none"  # torch.compile mode of the teacher side of the objective (COMPILE_MODES)
 
     def __post_init__(self):
@@ -80,8 +83,12 @@ class SynthesisConfig:
                               f"{self.batch_size}")
         if self.method not in SYNTHESIS_METHODS:
             raise ConfigError(f"--synthesizer {self.method!r}: choose one of {', '.join(SYNTHESIS_METHODS)}")
+        if self.generator_meta not in GENERATOR_META:
+            raise ConfigError(f"--generator-meta {self.generator_meta!r}: choose one of {', '.join(GENERATOR_META)}")
         if self.generator_lr <= 0 or self.z_dim < 1:
             raise ConfigError("--generator-lr must be positive and the latent size at least 1")
+        if not 0 <= self.bn_momentum < 1:
+            raise ConfigError(f"--bn-momentum must be in [0, 1), got {self.bn_momentum}")
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"--compile-synthesis {self.compile!r}: choose one of {', '.join(COMPILE_MODES)}")
         if self.rca_variant not in RCA_VARIANTS:
@@ -122,7 +129,8 @@ class Synthesizer:
         self.num_classes = num_classes
         self.flip = config.flip and allow_flip
         self.low, self.high = normalizer.bounds()
-        self.probe = TeacherProbe(batchnorm_layers(teacher), tuple(config.tar_ks), config.bn_groups)
+        self.probe = TeacherProbe(batchnorm_layers(teacher), tuple(config.tar_ks), config.bn_groups,
+                                  config.bn_momentum)
         self.probe.want_tar = config.l_tar > 0
         self._temperatures: torch.Tensor | None = None
         self._compiled = (torch.compile(self._teacher_terms, mode=config.compile)
@@ -210,14 +218,14 @@ class Synthesizer:
             student.train(was_training)
 
     def random_targets(self, device: torch.device) -> torch.Tensor:
-        return torch.randint(self.num_classes, (self.config.batch_size,)).to(device)
+        return torch.randint(self.num_classes, (self.config.batch_size,), device=device)
 
     def state_dict(self) -> dict:
-        """What a checkpoint must hold to resume this host (nothing for pixel optimisation)."""
-        return {}
+        """What a checkpoint must hold to resume this host: the BN momentum's history."""
+        return {"bn_history": self.probe.history}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.probe.history = list(state.get("bn_history", self.probe.history))
 
 
 class PixelSynthesizer(Synthesizer):
@@ -228,7 +236,7 @@ class PixelSynthesizer(Synthesizer):
         """One optimised batch (B, C, H, W) in normalised space, and the last step's loss terms."""
         cfg = self.config
         targets = self.random_targets(device)
-        images = torch.randn(cfg.batch_size, *input_shape).to(device).requires_grad_(True)
+        images = torch.randn(cfg.batch_size, *input_shape, device=device).requires_grad_(True)
         optimizer = torch.optim.Adam([images], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         low, high = self.low.to(device), self.high.to(device)
         terms: dict[str, torch.Tensor] = {}
@@ -240,4 +248,5 @@ class PixelSynthesizer(Synthesizer):
                 optimizer.step()
                 with torch.no_grad():
                     images.copy_(torch.maximum(torch.minimum(images, high), low))
+        self.probe.end_batch()
         return images.detach(), {name: float(value.detach()) for name, value in terms.items()}

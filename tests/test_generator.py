@@ -34,10 +34,11 @@ def test_images_stay_in_the_normalised_pixel_range_and_the_generator_learns():
     assert synthesizer.meta_optimizer.state  # and the meta optimiser has state to checkpoint
 
 
-def test_state_round_trip_continues_identically():
-    a, _ = make()
+@pytest.mark.parametrize("options", [{}, {"generator_meta": "fomaml", "bn_momentum": 0.9}])
+def test_state_round_trip_continues_identically(options):
+    a, _ = make(**options)
     a.synthesize(None, (1, 8, 8), torch.device("cpu"))
-    b, _ = make()
+    b, _ = make(**options)
     b.load_state_dict(a.state_dict())
     torch.manual_seed(5)
     first, _ = a.synthesize(None, (1, 8, 8), torch.device("cpu"))
@@ -57,3 +58,30 @@ def test_make_config_gives_the_generator_its_own_step_and_latent_defaults():
     assert make_config(synthesis={"method": "generator", "steps": 9}).synthesis.steps == 9
     with pytest.raises(ConfigError, match="--synthesizer 'gan'"):
         make_config(synthesis={"method": "gan"})
+
+
+def test_fomaml_meta_gradient_is_the_sum_of_the_inner_gradients():
+    """Two inner steps, replayed by hand: the meta gradient is g(G) + g(G'), so the first meta
+    Adam step moves each weight by -meta_lr * sign(g(G) + g(G')) (Reptile's would follow
+    G - G', the sum of two normalised Adam steps)."""
+    synthesizer, _ = make(steps=2, generator_meta="fomaml")
+    reference, _ = make(steps=2)
+    before = [p.detach().clone() for p in synthesizer.generator.parameters()]
+    torch.manual_seed(7)
+    synthesizer.synthesize(None, (1, 8, 8), torch.device("cpu"))
+    torch.manual_seed(7)
+    targets = reference.random_targets(torch.device("cpu"))
+    z = torch.randn(16, reference.config.z_dim).requires_grad_(True)
+    fast = reference.generator
+    inner = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": reference.config.lr}],
+                             lr=reference.config.generator_lr, betas=(reference.config.beta1, 0.999))
+    total = [torch.zeros_like(p) for p in fast.parameters()]
+    for step in range(2):
+        inner.zero_grad()
+        reference.objective(reference._to_images(fast(z)), targets, None, step)[0].backward()
+        total = [t + p.grad for t, p in zip(total, fast.parameters())]
+        inner.step()
+    meta_lr = synthesizer.meta_optimizer.param_groups[0]["lr"]
+    for old, new, grad in zip(before, synthesizer.generator.parameters(), total):
+        big = grad.abs() > 1e-4  # where Adam's eps does not matter
+        torch.testing.assert_close((old - new.detach())[big], meta_lr * torch.sign(grad[big]), rtol=1e-3, atol=1e-6)

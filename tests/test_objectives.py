@@ -144,3 +144,31 @@ def test_bn_groups_must_divide_the_batch():
 
     with pytest.raises(ConfigError, match="--bn-groups 3 must be at least 1 and divide --batch-size 128"):
         SynthesisConfig(batch_size=128, bn_groups=3)
+
+
+def test_bn_momentum_matches_the_blend_of_the_batch_with_its_history():
+    x = torch.randn(32, 3, 4, 4) * 2 + 1
+    mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+    history = (torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 3.0, 0.25]))
+    blend = (0.2 * mean + 0.8 * history[0], 0.2 * var + 0.8 * history[1])
+    assert float(bn_statistics_loss(x, *blend, history=history, momentum=0.8)) == pytest.approx(0.0, abs=1e-5)
+    assert float(bn_statistics_loss(x, mean, var, history=history, momentum=0.8)) > 1.0  # the batch alone no longer
+
+
+def test_teacher_probe_keeps_a_running_history_of_batch_statistics():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
+    probe = TeacherProbe([("1", net[1])], bn_momentum=0.9)
+    probe.active = True
+    stats = []
+    for _ in range(2):
+        x = torch.randn(8, 1, 6, 6)
+        with torch.no_grad():
+            u = net[0](x)
+        stats.append((u.mean(dim=(0, 2, 3)), u.var(dim=(0, 2, 3), unbiased=False)))
+        net(x)
+        probe.collect()
+        probe.end_batch()
+    (mean, var), = probe.history
+    torch.testing.assert_close(mean, 0.9 * stats[0][0] + 0.1 * stats[1][0])
+    torch.testing.assert_close(var, 0.9 * stats[0][1] + 0.1 * stats[1][1])
+    probe.remove()
