@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--synthesis-steps", type=int, default=None, help="[200 pixel, 5 generator]")
     parser.add_argument("--teacher-bf16", action="store_true")
     parser.add_argument("--bn-groups", type=int, default=1, help="the batch as G independent BN-matched batches")
+    parser.add_argument("--generator-meta", default="reptile", choices=["reptile", "fomaml"])
+    parser.add_argument("--bn-momentum", type=float, default=0.0, help="FastDFKD's BN statistics history")
     parser.add_argument("--compile-synthesis", default="none", choices=["none", "default", "reduce-overhead"],
                         help="torch.compile the teacher side of the synthesis objective")
     parser.add_argument("--kd-steps", type=int, default=100)
@@ -86,6 +88,7 @@ def main() -> None:
             student={"family": args.student, "width": width, "depth": depth, "timesteps": args.timesteps},
             synthesis={"batch_size": args.batch_size, "method": args.synthesizer, "teacher_bf16": args.teacher_bf16,
                        "bn_groups": args.bn_groups, "compile": args.compile_synthesis,
+                       "generator_meta": args.generator_meta, "bn_momentum": args.bn_momentum,
                        "steps": args.synthesis_steps or (200 if args.synthesizer == "pixel" else None)},
             budget_s=args.budget_s, rounds=None, kd_steps=args.kd_steps, kd_batch_size=args.kd_batch_size,
             eval_data=args.eval_data, eval_every=args.eval_every or (5 if args.synthesizer == "pixel" else 50),
@@ -100,7 +103,7 @@ def main() -> None:
         sys.exit(2)
     result = {"teacher": args.teacher_arch, "student": f"{args.student}{depth}-w{width}-T{args.timesteps}",
               "objective": args.objective, "synthesizer": args.synthesizer, "budget_s": args.budget_s,
-              "compile_synthesis": args.compile_synthesis,
+              "synthesis": config.synthesis.to_dict(), "kd_steps": args.kd_steps, "kd_batch_size": args.kd_batch_size,
               "history": [{k: h[k] for k in ("round", "elapsed_s", "student_accuracy", "agreement")}
                           for h in summary.get("history", []) if "student_accuracy" in h],
               **{k: summary.get(k) for k in ("teacher_accuracy", "student_accuracy", "agreement", "synthetic_images",

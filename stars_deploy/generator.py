@@ -71,7 +71,7 @@ class GeneratorSynthesizer(Synthesizer):
         cfg = self.config
         self.generator = Generator(cfg.z_dim, input_shape).to(device).train()
         self.low, self.high = self.low.to(device), self.high.to(device)
-        # Reptile's outer step: FastDFKD scales the meta learning rate by the inner steps.
+        # the meta (outer) step: FastDFKD scales its learning rate by the inner steps
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=cfg.generator_lr * cfg.steps,
                                                betas=(cfg.beta1, 0.999))
 
@@ -81,7 +81,7 @@ class GeneratorSynthesizer(Synthesizer):
     def synthesize(self, student: nn.Module | None, input_shape: tuple[int, int, int],
                    device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         """One batch (B, C, H, W) in normalised space from ``steps`` inner steps, then the
-        Reptile update of the generator; and the last step's loss terms."""
+        meta update of the generator; and the last step's loss terms."""
         cfg = self.config
         targets = self.random_targets(device)
         z = torch.randn(cfg.batch_size, cfg.z_dim, device=device).requires_grad_(True)

@@ -14,7 +14,8 @@ both share :class:`Synthesizer`, which owns the objective.
 
 With ``compile`` set, the teacher side of the objective (the teacher pass with its BatchNorm
 hooks, L_BN, L_TAR, L_CE, L_TV, L_L2; forward and backward) is one torch.compile'd graph:
-on the CPU, ResNet-20 at B 64, 3.6 -> 8.8 iterations/s after a ~66 s compilation.
+on the CPU, a ResNet-20 teacher at B 64 runs 4.8 -> 12.6 synthesis iterations/s after a
+~65 s compilation (benchmarks/README.md).
 ``reduce-overhead`` also replays it as CUDA graphs on a GPU (on the CPU it is ``default``).
 The jitter, the student terms and the optimiser step stay eager.
 """

@@ -78,3 +78,11 @@ def test_a_failing_compiler_falls_back_to_the_eager_objective_with_a_warning():
 def test_compile_mode_is_checked():
     with pytest.raises(ConfigError, match="--compile-synthesis 'fast': choose one of none, default, reduce-overhead"):
         SynthesisConfig(compile="fast")
+
+
+def test_compiled_objective_under_a_bf16_teacher_matches_eager_to_bf16_precision():
+    eager = trajectory(synthesizer("none", teacher_bf16=True))
+    compiled = trajectory(synthesizer("default", teacher_bf16=True))
+    for (loss_e, _, grad_e), (loss_c, _, grad_c) in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
+        assert float((grad_c - grad_e).abs().max()) < 0.02 * float(grad_e.abs().max())  # bf16: 8 mantissa bits
