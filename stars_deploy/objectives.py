@@ -187,8 +187,11 @@ class TeacherProbe:
         if not self.active:
             return
         features = inputs[0].float()
+        history = self.history[index]
+        if history is not None and history[0].device != features.device:  # restored from a checkpoint
+            history = self.history[index] = (history[0].to(features.device), history[1].to(features.device))
         self.bn_terms.append(bn_statistics_loss(features, module.running_mean, module.running_var,
-                                                self.bn_groups, self.history[index], self.bn_momentum))
+                                                self.bn_groups, history, self.bn_momentum))
         if self.bn_momentum > 0:
             mean, var = batch_statistics(features.detach(), self.bn_groups)
             self._last[index] = (mean.mean(0), var.mean(0))
