@@ -33,7 +33,13 @@ def bn_statistics_loss(inputs: torch.Tensor, running_mean: torch.Tensor, running
     With a ``history`` (mean, var) of earlier batches (FastDFKD's BN momentum m), the batch
     statistics are blended before matching: :math:`\mu \leftarrow (1 - m) \mu + m \mu_{hist}`,
     likewise :math:`\sigma^2`, so a batch need only complete what earlier batches left off."""
-    mean, var = batch_statistics(inputs, groups)  # (G, C) each
+    return statistics_distance(*batch_statistics(inputs, groups), running_mean, running_var, history, momentum)
+
+
+def statistics_distance(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor,
+                        running_var: torch.Tensor, history: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        momentum: float = 0.0) -> torch.Tensor:
+    """:func:`bn_statistics_loss` from batch statistics (G, C) already computed."""
     if history is not None:
         mean = (1 - momentum) * mean + momentum * history[0]
         var = (1 - momentum) * var + momentum * history[1]
@@ -186,15 +192,11 @@ class TeacherProbe:
     def _hook(self, index: int, module: nn.BatchNorm2d, inputs, output) -> None:
         if not self.active:
             return
-        features = inputs[0].float()
-        history = self.history[index]
-        if history is not None and history[0].device != features.device:  # restored from a checkpoint
-            history = self.history[index] = (history[0].to(features.device), history[1].to(features.device))
-        self.bn_terms.append(bn_statistics_loss(features, module.running_mean, module.running_var,
-                                                self.bn_groups, history, self.bn_momentum))
+        mean, var = batch_statistics(inputs[0].float(), self.bn_groups)  # once, for the loss and the history
+        self.bn_terms.append(statistics_distance(mean, var, module.running_mean, module.running_var,
+                                                 self.history[index], self.bn_momentum))
         if self.bn_momentum > 0:
-            mean, var = batch_statistics(features.detach(), self.bn_groups)
-            self._last[index] = (mean.mean(0), var.mean(0))
+            self._last[index] = (mean.detach().mean(0), var.detach().mean(0))
         if self.want_tar:
             self.tar_terms.append(tar_layer_loss(output.float(), module.weight, module.bias,
                                                  self.tar_ks, self.tar_temperature))

@@ -226,7 +226,9 @@ class Synthesizer:
         return {"bn_history": self.probe.history}
 
     def load_state_dict(self, state: dict) -> None:
-        self.probe.history = list(state.get("bn_history", self.probe.history))
+        device = next(self.teacher.parameters()).device  # a checkpoint's tensors come back on the CPU
+        self.probe.history = [None if stats is None else tuple(t.to(device) for t in stats)
+                              for stats in state.get("bn_history", self.probe.history)]
 
 
 class PixelSynthesizer(Synthesizer):
