@@ -59,3 +59,21 @@ def test_teacher_eval_json(tmp_path, digits_teacher):
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert payload["images"] == 450 and payload["accuracy"] == pytest.approx(digits_teacher[1]["test_accuracy"])
+
+
+def test_a_malicious_cifar_folder_runs_no_code_through_the_cli(tmp_path, digits_teacher):
+    """`teacher eval --data FOLDER` on a crafted test_batch: one line, exit 2, nothing executed."""
+    import pickle
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({b"labels": [0], b"data": RunsCode()}, handle)
+    result = run_cli("teacher", "eval", "--data", str(folder), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "refusing global posix.system" in result.stderr
+    assert not (tmp_path / "pwned").exists()
