@@ -1,6 +1,6 @@
 # One virtual environment, made and filled from scratch by `make install` (CI does the same).
 # torch comes pinned from constraints.txt; norse is installed with --no-deps because its
-# declared torchvision requirement pulls a build that does not import (docs/ENVIRONMENT).
+# declared torchvision requirement pulls a build that does not import (docs/ENVIRONMENT.md).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -19,12 +19,13 @@ import tempfile
 from pathlib import Path
 
 from stars_deploy.data import load_eval_data
-from stars_deploy.distill import distill, make_config, resolve_device
+from stars_deploy.devices import resolve_device
+from stars_deploy.distill import distill, make_config
 from stars_deploy.errors import StarsDeployError
 from stars_deploy.evaluation import accuracy, predict, student_logits_fn, teacher_logits_fn
 from stars_deploy.fileio import read_json
 from stars_deploy.progress import set_quiet
-from stars_deploy.runs import DISTILL, STUDENT
+from stars_deploy.layout import DISTILL, STUDENT
 from stars_deploy.students import load_student
 from stars_deploy.teachers import Normalizer, TeacherSpec, load_teacher
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from stars_deploy.distill import distill, make_config, resolve_device
+from stars_deploy.devices import resolve_device
+from stars_deploy.distill import distill, make_config
 from stars_deploy.progress import set_quiet
 from stars_deploy.teachers import TeacherSpec
 

@@ -35,9 +35,9 @@ def net_file(path: Path | None) -> Path:
     run_dir = path or latest_run(Path("runs"))
     target = run_dir / "export" / "student.net"
     if not target.is_file():
-        from stars_deploy.exporters.run_export import export_loihi
+        from stars_deploy.exporters.registry import export_run
 
-        export_loihi(run_dir)
+        export_run(run_dir, "loihi")
     return target
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stars_deploy.distill import distill, make_config
 from stars_deploy.errors import StarsDeployError
-from stars_deploy.exporters.run_export import export_run
+from stars_deploy.exporters.registry import export_run
 from stars_deploy.targets.check import check
 from stars_deploy.targets.report import write_report
 from stars_deploy.teachers import TeacherSpec

@@ -1,1 +1,3 @@
-"""stars_deploy.exporters: student -> NIR; NIR -> Loihi netx; ONNX (see the export issues)."""
+"""Exporters: a run's student -> NIR (the hub), NIR -> Loihi fixed point (netx .net), ONNX.
+
+The export kinds and their files are in registry.py; ``export_run`` dispatches to them."""

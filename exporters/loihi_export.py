@@ -44,26 +44,30 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import nir
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stars_deploy import vocabulary
 from stars_deploy.errors import StarsDeployError
 
-from .nir_format import decode_metadata
-from .netx_format import BIAS_MANT_MAX, NETX_FORMAT, InputStage, NetxLayer, NetxNetwork, NeuronConfig
+from stars_deploy.hardware.loihi import (ACTIVATION_SHIFT, BIAS_MANT_MAX, DECAY_SCALE, I_DECAY_NONE,
+                                         STATE_HALF_RANGE, STATE_LIMIT, THRESHOLD_MANT_MAX, V_DECAY_MAX,
+                                         WEIGHT_BITS, WEIGHT_MAX, WEIGHT_MIN)
 
-LOIHI_WEIGHT_BITS = 8  # signed mantissa; the weight is 2 * mantissa
-WEIGHT_MAX, WEIGHT_MIN = 254, -256
-DECAY_SCALE = 4096  # 12-bit decays: the state keeps (4096 - decay) / 4096 per step
-V_DECAY_MAX = 4095
-I_DECAY_NONE = 4096  # u keeps nothing of the previous step (netx writes du = 4095)
-THRESHOLD_MANT_MAX = 2**17 - 1
-ACTIVATION_SHIFT = 6  # synaptic input and bias are << 6, threshold << 6
-STATE_LIMIT = 2**23 - 1  # 24-bit signed u and v
-READOUT_V_DECAY = V_DECAY_MAX
+from stars_deploy.layout import export_dir
+from stars_deploy.units import text_table
+
+from .netx_format import NETX_FORMAT, InputStage, NetxLayer, NetxNetwork, NeuronConfig, write_network
+from .nir_export import export_nir, graph_layer_table
+from .nir_format import decode_metadata, read_nir
+from .records import file_entries, merge_record
+from .registry import ExportOptions, export_kind
+
+READOUT_V_DECAY = V_DECAY_MAX  # the readout keeps (almost) all of v: it never spikes anyway
 DEFAULT_INPUT_RANGE = (0.0, 1.0)
 SYNAPSES = (nir.Conv2d, nir.Affine, nir.Linear)
 ADVICE = {
@@ -210,7 +214,7 @@ def _quantize(source: str, name: str, weight: np.ndarray, bias: np.ndarray, v_th
         u_max = float((_same_sign_drive(weight_int) << ACTIVATION_SHIFT).max())
         drive = float(((_same_sign_drive(weight_int) + np.abs(bias_int)) << ACTIVATION_SHIFT).max())
         v_max = drive * DECAY_SCALE / max(v_decay, 1)
-        if u_max < 2**23 and v_max < v_limit:
+        if u_max < STATE_HALF_RANGE and v_max < v_limit:
             break
         exponent -= 1
     v_th_mant = THRESHOLD_MANT_MAX if v_th is None else int(round(v_th * scale))
@@ -218,7 +222,7 @@ def _quantize(source: str, name: str, weight: np.ndarray, bias: np.ndarray, v_th
         raise LoihiExportError(f"{source}: node {name!r}: the threshold {v_th:g} rounds to 0 at the weight exponent "
                                f"{exponent}; its weights are too large for its threshold: rescale them together")
     error = weight_int / scale - weight
-    report = {"layer": name, "exponent": exponent, "scale": scale, "weight_bits": LOIHI_WEIGHT_BITS,
+    report = {"layer": name, "exponent": exponent, "scale": scale, "weight_bits": WEIGHT_BITS,
               "weights": int(weight.size), "weights_clipped": clipped,
               "weight_max_abs_error": float(np.abs(error).max()),
               "weight_rms_relative_error": float(np.sqrt((error**2).mean() / max((weight**2).mean(), 1e-300))),
@@ -258,31 +262,27 @@ def _input_range(metadata: dict, shape: tuple[int, ...]) -> tuple[np.ndarray, np
     return np.minimum(low, high).reshape(view), np.maximum(low, high).reshape(view)
 
 
-def lower_nir(graph: nir.NIRGraph, dt_s: float | None = None, timesteps: int | None = None,
-              source: str = "graph") -> tuple[NetxNetwork, list[dict]]:
-    """The netx network and the per-layer quantisation report for a NIR graph."""
-    metadata = decode_metadata(graph.metadata if isinstance(graph.metadata, dict) else {})
-    dt_s = float(dt_s if dt_s is not None else metadata.get("dt_s", math.nan))
+def _settings(metadata: dict, dt_s: float | None, timesteps: int | None, source: str) -> tuple[float, int]:
+    """(dt in seconds, steps per sample): given, else from the graph's metadata."""
+    dt_s = float(dt_s if dt_s is not None else metadata.get(vocabulary.DT_KEY, math.nan))
     if not math.isfinite(dt_s) or dt_s <= 0:
         raise LoihiExportError(f"{source}: the graph has no metadata dt_s: give the integration step (--dt-s SECONDS)")
     timesteps = int(timesteps or metadata.get("timesteps", 0))
     if timesteps < 1:
         raise LoihiExportError(f"{source}: the graph has no metadata timesteps: give --timesteps")
-    if metadata.get("reset") not in (None, "value", "zero"):
+    if metadata.get("reset") not in (None, *vocabulary.ACCEPTED_RESETS):
         raise LoihiExportError(f"{source}: metadata reset = {metadata['reset']!r}; Loihi resets v to 0")
-    order = _chain(graph, source)
-    for name in order:
-        _check_type(source, name, graph.nodes[name])
-    spike_names = dict(metadata.get("spike_layers", {}))
-    input_shape = tuple(int(s) for s in graph.nodes[order[0]].input_type["input"])
-    body = order[1:-1]
-    # group into (flatten?, synapse, neuron or None)
+    return dt_s, timesteps
+
+
+def _stages(graph: nir.NIRGraph, body: list[str], output: str, source: str) -> list[tuple[bool, str, str | None]]:
+    """The chain between Input and Output as (flatten before?, synapse, neuron or None) stages."""
     stages, index = [], 0
     while index < len(body):
         flatten = isinstance(graph.nodes[body[index]], nir.Flatten)
         index += flatten
         if index >= len(body) or not isinstance(graph.nodes[body[index]], SYNAPSES):
-            where = body[index] if index < len(body) else order[-1]
+            where = body[index] if index < len(body) else output
             raise LoihiExportError(f"{source}: node {where!r} must be a Conv2d, Affine or Linear synapse here; "
                                    "the lowering needs synapse -> LIF pairs (and an optional final readout)")
         synapse_name = body[index]
@@ -294,18 +294,22 @@ def lower_nir(graph: nir.NIRGraph, dt_s: float | None = None, timesteps: int | N
         index += 2
     if not stages or stages[0][2] is None:
         raise LoihiExportError(f"{source}: the lowering needs a first synapse -> LIF layer (the input layer)")
-    layers, report, layer_meta = [], [], []
+    return stages
 
-    # the input layer: first synapse off-chip, its LIF on chip with the current as bias
-    _, first_synapse, first_neuron = stages[0]
+
+def _input_layer(graph: nir.NIRGraph, stage_names: tuple, metadata: dict, input_shape: tuple[int, ...],
+                 dt_s: float, source: str) -> tuple[NetxLayer, InputStage, dict, int]:
+    """The input layer: its synapse runs off-chip, its LIF on chip with the current as bias.
+    Returns (layer, off-chip stage, report row, exponent)."""
+    _, first_synapse, first_neuron = stage_names
     stage = _synapse(source, first_synapse, graph.nodes[first_synapse])
     lif = _lif(source, first_neuron, graph.nodes[first_neuron], dt_s)
     low, high = _input_range(metadata, input_shape)
     c_max = _input_bounds(stage, input_shape, low, high)
     drive = lif["a_q"] * (abs(lif["r"]) * c_max + abs(lif["v_leak"]))
-    limits = [math.floor(math.log2(THRESHOLD_MANT_MAX / lif["v_th"]))] if lif["v_th"] > 0 else []
-    if not limits:
+    if lif["v_th"] <= 0:
         raise LoihiExportError(f"{source}: node {first_neuron!r} has threshold {lif['v_th']:g}; Loihi needs a positive threshold")
+    limits = [math.floor(math.log2(THRESHOLD_MANT_MAX / lif["v_th"]))]
     if drive > 0:
         limits.append(math.floor(math.log2(BIAS_MANT_MAX / drive)))
     exponent = min(limits)
@@ -317,45 +321,134 @@ def lower_nir(graph: nir.NIRGraph, dt_s: float | None = None, timesteps: int | N
                              lif["a_q"] * lif["v_leak"] * scale, input_shape,
                              stage.get("stride", (1, 1)), stage.get("padding", (0, 0)),
                              stage.get("dilation", (1, 1)), stage.get("groups", 1))
-    layers.append(NetxLayer("input", stage["out_shape"], NeuronConfig(I_DECAY_NONE, lif["v_decay"], v_th_mant)))
-    report.append({"layer": first_neuron, "kind": "input", "exponent": exponent, "scale": scale,
-                   "input_current_max": c_max, "bias_mant_max": drive * scale, "bias_resolution": 1 / scale,
-                   "threshold_mant": v_th_mant, "threshold_error": v_th_mant / scale - lif["v_th"],
-                   "v_decay": lif["v_decay"], "decay_error": lif["a_q"] - lif["ratio"],
-                   "note": f"synapse {first_synapse!r} runs off-chip; its output is the 13-bit bias of the input layer"})
-    layer_meta.append({"spike_name": spike_names.get(first_neuron, first_neuron), "exponent": exponent,
-                       "spiking": True, "node": first_neuron})
+    layer = NetxLayer("input", stage["out_shape"], NeuronConfig(I_DECAY_NONE, lif["v_decay"], v_th_mant))
+    row = {"layer": first_neuron, "kind": "input", "exponent": exponent, "scale": scale,
+           "input_current_max": c_max, "bias_mant_max": drive * scale, "bias_resolution": 1 / scale,
+           "threshold_mant": v_th_mant, "threshold_error": v_th_mant / scale - lif["v_th"],
+           "v_decay": lif["v_decay"], "decay_error": lif["a_q"] - lif["ratio"],
+           "note": f"synapse {first_synapse!r} runs off-chip; its output is the 13-bit bias of the input layer"}
+    return layer, input_stage, row, exponent
 
-    for flatten, synapse_name, neuron_name in stages[1:]:
-        syn = _synapse(source, synapse_name, graph.nodes[synapse_name])
-        if neuron_name is None:  # the non-spiking readout
-            if syn["kind"] != "dense":
-                raise LoihiExportError(f"{source}: readout {synapse_name!r} is a convolution; end with an Affine readout")
-            exponent, weight, bias, v_th_mant, row = _quantize(source, synapse_name, syn["weight"], syn["bias"],
-                                                               None, READOUT_V_DECAY)
-            neuron = NeuronConfig(I_DECAY_NONE, READOUT_V_DECAY, v_th_mant)
-            row.update(kind="readout", v_decay=READOUT_V_DECAY, decay_error=0.0,
-                       note="never spikes; logits_t = (u_t / 64 + bias) / scale")
-            layer_meta.append({"spike_name": None, "exponent": exponent, "spiking": False, "node": synapse_name})
-        else:
-            lif = _lif(source, neuron_name, graph.nodes[neuron_name], dt_s)
-            factor = lif["a_q"] * lif["r"]
-            bias_float = lif["a_q"] * (lif["r"] * syn["bias"] + lif["v_leak"])
-            exponent, weight, bias, v_th_mant, row = _quantize(source, neuron_name, factor * syn["weight"],
-                                                               bias_float, lif["v_th"], lif["v_decay"])
-            neuron = NeuronConfig(I_DECAY_NONE, lif["v_decay"], v_th_mant)
-            row.update(kind=syn["kind"], v_decay=lif["v_decay"], decay_error=lif["a_q"] - lif["ratio"])
-            layer_meta.append({"spike_name": spike_names.get(neuron_name, neuron_name), "exponent": exponent,
-                               "spiking": True, "node": neuron_name})
-        layer = NetxLayer(syn["kind"], syn["out_shape"], neuron, weight, bias, flatten_before=flatten)
-        if syn["kind"] == "conv":
-            layer.stride, layer.padding, layer.dilation, layer.groups = (syn["stride"], syn["padding"],
-                                                                        syn["dilation"], syn["groups"])
+
+def _chip_layer(graph: nir.NIRGraph, stage_names: tuple, dt_s: float, spike_names: dict,
+                source: str) -> tuple[NetxLayer, dict, dict]:
+    """One on-chip layer (a LIF layer, or the never-spiking readout): (layer, report row, metadata)."""
+    flatten, synapse_name, neuron_name = stage_names
+    syn = _synapse(source, synapse_name, graph.nodes[synapse_name])
+    if neuron_name is None:  # the non-spiking readout
+        if syn["kind"] != "dense":
+            raise LoihiExportError(f"{source}: readout {synapse_name!r} is a convolution; end with an Affine readout")
+        exponent, weight, bias, v_th_mant, row = _quantize(source, synapse_name, syn["weight"], syn["bias"],
+                                                           None, READOUT_V_DECAY)
+        neuron = NeuronConfig(I_DECAY_NONE, READOUT_V_DECAY, v_th_mant)
+        row.update(kind="readout", v_decay=READOUT_V_DECAY, decay_error=0.0,
+                   note="never spikes; logits_t = (u_t / 64 + bias) / scale")
+        meta = {"spike_name": None, "exponent": exponent, "spiking": False, "node": synapse_name}
+    else:
+        lif = _lif(source, neuron_name, graph.nodes[neuron_name], dt_s)
+        factor = lif["a_q"] * lif["r"]
+        bias_float = lif["a_q"] * (lif["r"] * syn["bias"] + lif["v_leak"])
+        exponent, weight, bias, v_th_mant, row = _quantize(source, neuron_name, factor * syn["weight"],
+                                                           bias_float, lif["v_th"], lif["v_decay"])
+        neuron = NeuronConfig(I_DECAY_NONE, lif["v_decay"], v_th_mant)
+        row.update(kind=syn["kind"], v_decay=lif["v_decay"], decay_error=lif["a_q"] - lif["ratio"])
+        meta = {"spike_name": spike_names.get(neuron_name, neuron_name), "exponent": exponent, "spiking": True,
+                "node": neuron_name}
+    layer = NetxLayer(syn["kind"], syn["out_shape"], neuron, weight, bias, flatten_before=flatten)
+    if syn["kind"] == "conv":
+        layer.stride, layer.padding, layer.dilation, layer.groups = (syn["stride"], syn["padding"],
+                                                                    syn["dilation"], syn["groups"])
+    return layer, row, meta
+
+
+def lower_nir(graph: nir.NIRGraph, dt_s: float | None = None, timesteps: int | None = None,
+              source: str = "graph") -> tuple[NetxNetwork, list[dict]]:
+    """The netx network and the per-layer quantisation report for a NIR graph."""
+    metadata = decode_metadata(graph.metadata if isinstance(graph.metadata, dict) else {})
+    dt_s, timesteps = _settings(metadata, dt_s, timesteps, source)
+    order = _chain(graph, source)
+    for name in order:
+        _check_type(source, name, graph.nodes[name])
+    spike_names = dict(metadata.get("spike_layers", {}))
+    input_shape = tuple(int(s) for s in graph.nodes[order[0]].input_type["input"])
+    stages = _stages(graph, order[1:-1], order[-1], source)
+    layer, input_stage, row, exponent = _input_layer(graph, stages[0], metadata, input_shape, dt_s, source)
+    layers, report = [layer], [row]
+    layer_meta = [{"spike_name": spike_names.get(stages[0][2], stages[0][2]), "exponent": exponent,
+                   "spiking": True, "node": stages[0][2]}]
+    for stage in stages[1:]:
+        layer, row, meta = _chip_layer(graph, stage, dt_s, spike_names, source)
         layers.append(layer)
         report.append(row)
+        layer_meta.append(meta)
     readout = "spikes" if layer_meta[-1]["spiking"] else "current"
-    meta = {"format": NETX_FORMAT, "dt_s": dt_s, "timesteps": timesteps, "readout": readout,
+    meta = {"format": NETX_FORMAT, vocabulary.DT_KEY: dt_s, "timesteps": timesteps, "readout": readout,
             "pipeline_delay_steps": len(layers) - 1, "layers": layer_meta,
             "normalization": metadata.get("normalization"), "class_names": metadata.get("class_names"),
             "source": source}
     return NetxNetwork(layers, input_stage, meta), report
+
+
+def netx_table(network: NetxNetwork) -> list[dict]:
+    """One row per netx layer: index, type, shape, kernel/stride, neuron fields, exponent."""
+    rows = []
+    for index, (layer, meta) in enumerate(zip(network.layers, network.metadata["layers"])):
+        row = {"index": index, "type": layer.kind, "shape": list(layer.shape), "flatten_before": layer.flatten_before,
+               "iDecay": layer.neuron.i_decay, "vDecay": layer.neuron.v_decay, "vThMant": layer.neuron.v_th_mant,
+               "exponent": meta["exponent"], "spike_name": meta["spike_name"], "node": meta.get("node")}
+        if layer.kind == "conv":
+            row.update(kernel=list(layer.weight.shape[2:]), stride=list(layer.stride), padding=list(layer.padding))
+        rows.append(row)
+    return rows
+
+
+def export_loihi(path: Path, options: ExportOptions = ExportOptions()) -> dict:
+    """``export --target loihi``: lower a NIR graph to Loihi fixed point and write it as a netx
+    .net file. ``path`` is a run directory (its student is exported to export/student.nir
+    first, and the lowering reads that file) or any .nir file (written beside it as FILE.net,
+    with export.json in the same folder). Returns the export.json payload."""
+    path = Path(path)
+    if path.is_dir():
+        export_nir(path)
+        nir_file = export_dir(path) / export_kind("nir").file
+    elif path.suffix == export_kind("nir").suffix:
+        nir_file = path
+    else:
+        raise LoihiExportError(f"{path}: give a run directory or a .nir file")
+    graph = read_nir(nir_file)
+    network, report = lower_nir(graph, dt_s=options.dt_s, timesteps=options.timesteps, source=str(nir_file))
+    net_file = nir_file.with_suffix(export_kind("loihi").suffix)
+    write_network(net_file, network)
+    layers = graph_layer_table(graph)
+    meta = network.metadata
+    payload = {
+        "target": "loihi", "source": str(nir_file), "files": file_entries([net_file]),
+        "input_shape": list(network.input_stage.input_shape), "output_shape": list(network.layers[-1].shape),
+        "timesteps": meta["timesteps"], "dt_s": meta["dt_s"], "readout": meta["readout"],
+        "pipeline_delay_steps": network.pipeline_delay_steps, "parameters": sum(row["parameters"] for row in layers),
+        "layers": layers, "netx_layers": netx_table(network), "quantization": report,
+    }
+    if path.is_dir():
+        payload["run_dir"] = str(path)
+    return merge_record(nir_file.parent, payload)
+
+
+def report_lines(payload: dict) -> list[str]:
+    """The quantisation report and the netx layer table of an export.json payload, as text."""
+    lines = ["quantisation (per layer; scale = 2^exponent mantissa units per unit of v):"]
+    lines += text_table(
+        ("layer", "kind", "exp", "vThMant", "vDecay", "clipped", "w rms rel err", "w max err", "bias max err"),
+        [(r["layer"], r["kind"], r["exponent"], r["threshold_mant"], r["v_decay"], r.get("weights_clipped", "-"),
+          f"{r['weight_rms_relative_error']:.4f}" if "weight_rms_relative_error" in r else "off-chip input",
+          f"{r['weight_max_abs_error']:.2e}" if "weight_max_abs_error" in r else "",
+          f"{r['bias_max_abs_error']:.2e}" if "bias_max_abs_error" in r else f"step {r['bias_resolution']:.2e}")
+         for r in payload["quantization"]])
+    lines.append("netx layers:")
+    lines += text_table(
+        ("#", "type", "shape", "kernel/stride", "iDecay", "vDecay", "vThMant", "spikes"),
+        [(r["index"], ("flatten+" if r["flatten_before"] else "") + r["type"], "x".join(map(str, r["shape"])),
+          f"{r['kernel']}/{r['stride']}" if "kernel" in r else "", r["iDecay"], r["vDecay"], r["vThMant"],
+          r["spike_name"] or "(readout: u)") for r in payload["netx_layers"]])
+    lines.append(f"pipeline delay: {payload['pipeline_delay_steps']} steps (latency T + delay = "
+                 f"{payload['timesteps'] + payload['pipeline_delay_steps']} steps)")
+    return lines

@@ -24,9 +24,9 @@ Loihi neuron fields (netx semantics, the bit-accurate model adds du's 1 back):
 ``du = iDecay - 1``, ``dv = vDecay``, threshold ``vThMant << 6``, bias ``bias << 6``.
 
 Direct encoding: the first synaptic layer runs off-chip, once per sample, in float64 on the
-CPU (:func:`input_current`); its output ``c`` becomes one 13-bit integer per input-layer
-neuron, ``clip(round(current_scale * c + current_offset), -4096, 4095)``
-(:func:`input_bias_mantissa`), that both the emulator and the Lava runner inject unchanged as
+CPU (``targets/loihi.py: input_current``); its output ``c`` becomes one 13-bit integer per
+input-layer neuron, ``clip(round(current_scale * c + current_offset), -4096, 4095)``
+(``input_bias_mantissa``), that both the emulator and the Lava runner inject unchanged as
 the neuron's synaptic input ``a_in`` at every step of the sample. With ``iDecay = 4096``
 (``u = a_in << 6``) that is, bit for bit, a per-neuron bias of the same mantissa (bias << 6):
 the 13-bit range keeps both readings valid (a bias on Loihi 1, a graded input on Loihi 2).
@@ -44,13 +44,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from stars_deploy.errors import StarsDeployError
+from stars_deploy.hardware.loihi import GRADED_SPIKE, REFRACTORY_DELAY_STEPS
 
 NETX_FORMAT = "stars-deploy/netx-v1"
-BIAS_MANT_MIN, BIAS_MANT_MAX = -4096, 4095  # 13-bit signed bias mantissa
 STRING_DTYPE = "S10"
 
 
@@ -128,8 +126,10 @@ def network_bytes(network: NetxNetwork) -> bytes:
             group.create_dataset("shape", data=np.asarray(layer.shape, dtype=np.int64))
             neuron = group.create_group("neuron")
             _string(neuron, "type", "CUBA")
-            for name, value in (("iDecay", layer.neuron.i_decay), ("vDecay", layer.neuron.v_decay),
-                                ("vThMant", layer.neuron.v_th_mant), ("refDelay", 1), ("gradedSpike", 0)):
+            fields = (("iDecay", layer.neuron.i_decay), ("vDecay", layer.neuron.v_decay),
+                      ("vThMant", layer.neuron.v_th_mant), ("refDelay", REFRACTORY_DELAY_STEPS),
+                      ("gradedSpike", GRADED_SPIKE))
+            for name, value in fields:
                 neuron.create_dataset(name, data=np.int64(value))
             if layer.kind == "input":
                 index += 1
@@ -228,21 +228,3 @@ def read_network(path: Path) -> NetxNetwork:
     if not layers or layers[0].kind != "input":
         raise NetxFormatError(f"{path}: the first layer must be the input layer")
     return NetxNetwork(layers, stage, metadata)
-
-
-def input_current(stage: InputStage, images: torch.Tensor) -> torch.Tensor:
-    """c = the off-chip first layer applied to normalised images (B, *input_shape), float64 on the CPU."""
-    x = images.detach().to("cpu", torch.float64).reshape(-1, *stage.input_shape)
-    weight, bias = torch.from_numpy(stage.weight), torch.from_numpy(stage.bias)
-    if stage.kind == "conv":
-        return F.conv2d(x, weight, bias, stage.stride, stage.padding, stage.dilation, stage.groups)
-    return F.linear(x.flatten(1), weight, bias)
-
-
-def input_bias_mantissa(stage: InputStage, images: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(the input layer's per-sample bias mantissa (B, ...) int64, values clipped to 13 bits).
-
-    Shared by the emulator and the Lava runner: both inject these integers unchanged."""
-    scaled = torch.round(stage.current_scale * input_current(stage, images) + stage.current_offset)
-    clipped = int(((scaled < BIAS_MANT_MIN) | (scaled > BIAS_MANT_MAX)).sum())
-    return scaled.clamp(BIAS_MANT_MIN, BIAS_MANT_MAX).to(torch.int64), clipped

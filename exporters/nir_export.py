@@ -1,8 +1,9 @@
-r"""Student -> NIR graph, built node by node with nir's own classes.
+r"""Student -> NIR graph, built node by node with nir's own classes, and ``export --target nir``.
 
-Every conv->BatchNorm pair is folded (stars_deploy.folding) so the graph holds exactly the
-float32 weights of the folded student. Neurons become ``nir.LIF`` (current-free student) or
-``nir.CubaLIF`` (student with a synaptic current) with
+Every conv->BatchNorm pair is folded (its family's ``fold``) so the graph holds exactly the
+float32 weights of the folded student; the family's ``describe`` walks the student through
+:class:`NIRBuilder`. Neurons become ``nir.LIF`` (current-free student) or ``nir.CubaLIF``
+(student with a synaptic current) with
 
 .. math::
     \tau_{mem} = \text{tau\_mem\_steps} \cdot dt, \quad \tau_{syn} = \text{tau\_syn\_steps} \cdot dt,
@@ -17,17 +18,25 @@ the student's module names (``layers.0.conv``, ``layers.0.lif``, ``blocks.1.shor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nir
 import numpy as np
 import torch
 from torch import nn
 
+from stars_deploy import vocabulary
+from stars_deploy.distill.config import read_run_config
 from stars_deploy.errors import ConfigError
-from stars_deploy.folding import fold_student
-from stars_deploy.neurons import LIFConfig
+from stars_deploy.layout import STUDENT, export_dir
+from stars_deploy.students import LIFConfig, fold_student, load_student, student_family
 
-from .nir_format import (ENCODING, INTEGRATOR, NIR_FORMAT, READOUT, RESET_MODE, STATE_INIT,
-                         encode_metadata)
+from .layers import LayerTable
+from .nir_format import NIR_FORMAT, encode_metadata, write_nir
+from .records import file_entries, merge_record
+from .registry import ExportOptions, export_kind
+
+WEIGHT_FIELDS = ("weight", "bias")
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -50,85 +59,59 @@ def neuron_node(lif: LIFConfig, shape) -> nir.NIRNode:
                        tau_syn=_full(shape, lif.tau_syn_s, np.float64), w_in=_full(shape, 1.0), **common)
 
 
-class _GraphBuilder:
-    """Collects nodes and edges while tracking each node's output shape (no batch)."""
+class NIRBuilder(LayerTable):
+    """The layer table plus one nir node per row (``students.GraphBuilder``)."""
 
-    def __init__(self):
-        self.nodes: dict[str, nir.NIRNode] = {}
-        self.edges: list[tuple[str, str]] = []
-        self.shapes: dict[str, tuple[int, ...]] = {}
-
-    def add(self, name: str, node: nir.NIRNode, shape, sources: list[str]) -> str:
-        if name in self.nodes:
-            raise ConfigError(f"NIR export: node name {name!r} used twice")
-        self.nodes[name] = node
-        self.shapes[name] = tuple(int(s) for s in shape)
-        self.edges.extend((source, name) for source in sources)
-        return name
+    def __init__(self, input_shape: tuple[int, ...]):
+        self.nodes: dict[str, nir.NIRNode] = {"input": nir.Input(input_type={"input": np.array(input_shape)})}
+        super().__init__(input_shape)
 
     def conv(self, name: str, conv: nn.Conv2d, source: str) -> str:
-        if not isinstance(conv, nn.Conv2d) or conv.bias is None:
-            raise ConfigError(f"NIR export: {name} must be a folded Conv2d with a bias")
-        in_shape = self.shapes[source]
-        node = nir.Conv2d(input_shape=in_shape[1:], weight=_numpy(conv.weight), stride=conv.stride,
-                          padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                          bias=_numpy(conv.bias))
-        return self.add(name, node, node.output_type["output"], [source])
+        name = super().conv(name, conv, source)
+        self.nodes[name] = nir.Conv2d(input_shape=self.shapes[source][1:], weight=_numpy(conv.weight),
+                                      stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                      groups=conv.groups, bias=_numpy(conv.bias))
+        return name
 
     def neuron(self, name: str, lif: LIFConfig, sources: list[str]) -> str:
-        shape = self.shapes[sources[0]]
-        return self.add(name, neuron_node(lif, shape), shape, sources)
+        name = super().neuron(name, lif, sources)
+        self.nodes[name] = neuron_node(lif, self.shapes[name])
+        return name
 
     def flatten(self, name: str, source: str) -> str:
-        shape = self.shapes[source]
-        node = nir.Flatten(input_type={"input": np.array(shape)}, start_dim=0, end_dim=-1)
-        return self.add(name, node, (int(np.prod(shape)),), [source])
+        name = super().flatten(name, source)
+        self.nodes[name] = nir.Flatten(input_type={"input": np.array(self.shapes[source])}, start_dim=0, end_dim=-1)
+        return name
 
     def affine(self, name: str, linear: nn.Linear, source: str) -> str:
-        node = nir.Affine(weight=_numpy(linear.weight), bias=_numpy(linear.bias))
-        return self.add(name, node, (linear.out_features,), [source])
+        name = super().affine(name, linear, source)
+        self.nodes[name] = nir.Affine(weight=_numpy(linear.weight), bias=_numpy(linear.bias))
+        return name
 
     def global_avg_pool(self, name: str, source: str) -> str:
+        name = super().global_avg_pool(name, source)
         channels, height, width = self.shapes[source]
         node = nir.AvgPool2d(kernel_size=np.array([height, width]), stride=np.array([height, width]),
                              padding=np.array([0, 0]))
         # NIR leaves pooling types undefined; give them in full (the graph has no None shape)
         node.input_type = {"input": np.array([channels, height, width])}
         node.output_type = {"output": np.array([channels, 1, 1])}
-        return self.add(name, node, (channels, 1, 1), [source])
+        self.nodes[name] = node
+        return name
+
+    def output(self, source: str, classes: int) -> str:
+        name = super().output(source, classes)
+        self.nodes[name] = nir.Output(output_type={"output": np.array([classes])})
+        return name
 
 
-def _convnet(builder: _GraphBuilder, student: nn.Module, lif: LIFConfig) -> tuple[str, dict]:
-    source, spike_layers = "input", {}
-    for index, layer in enumerate(student.layers):
-        source = builder.conv(f"layers.{index}.conv", layer.conv, source)
-        source = builder.neuron(f"layers.{index}.lif", lif, [source])
-        spike_layers[source] = f"layers.{index}"
-    source = builder.flatten("flatten", source)
-    return builder.affine("readout", student.readout, source), spike_layers
-
-
-def _resnet(builder: _GraphBuilder, student: nn.Module, lif: LIFConfig) -> tuple[str, dict]:
-    source = builder.conv("stem.conv", student.stem.conv, "input")
-    source = builder.neuron("stem.lif", lif, [source])
-    spike_layers = {source: "stem"}
-    for index, block in enumerate(student.blocks):
-        name = f"blocks.{index}"
-        hidden = builder.conv(f"{name}.first.conv", block.first.conv, source)
-        hidden = builder.neuron(f"{name}.first.lif", lif, [hidden])
-        spike_layers[hidden] = f"{name}.first"
-        main = builder.conv(f"{name}.conv2", block.conv2, hidden)
-        shortcut = source
-        if isinstance(block.shortcut, nn.Sequential):
-            shortcut = builder.conv(f"{name}.shortcut", block.shortcut[0], source)
-        source = builder.neuron(f"{name}.lif", lif, [main, shortcut])
-        spike_layers[source] = f"{name}.out"
-    source = builder.global_avg_pool("pool", source)
-    source = builder.flatten("flatten", source)
-    return builder.affine("readout", student.readout, source), spike_layers
-
-
-FAMILY_BUILDERS = {"convnet": _convnet, "resnet": _resnet}
+def describe_student(student: nn.Module, builder: LayerTable) -> LayerTable:
+    """Walk the folded ``student`` through ``builder`` as its family describes it."""
+    config = student.config
+    last, spike_layers = student_family(config.family).describe(builder, fold_student(student), config.lif)
+    builder.output(last, config.num_classes)
+    builder.spike_layers = spike_layers
+    return builder
 
 
 def student_to_nir(student: nn.Module, class_names: list[str] | None = None,
@@ -138,25 +121,62 @@ def student_to_nir(student: nn.Module, class_names: list[str] | None = None,
     ``normalization`` is (mean, std) per channel of the images in [0, 1]; the Input node takes
     the normalised image at every step (direct encoding). The student is not modified."""
     config = student.config
-    if config.family not in FAMILY_BUILDERS:
-        raise ConfigError(f"NIR export: no exporter for student family {config.family!r}")
-    folded = fold_student(student)
-    builder = _GraphBuilder()
-    builder.add("input", nir.Input(input_type={"input": np.array(config.input_shape)}), config.input_shape, [])
-    last, spike_layers = FAMILY_BUILDERS[config.family](builder, folded, config.lif)
-    builder.add("output", nir.Output(output_type={"output": np.array([config.num_classes])}),
-                (config.num_classes,), [last])
+    builder = describe_student(student, NIRBuilder(config.input_shape))
     channels = config.input_shape[0]
     mean, std = normalization or ([0.0] * channels, [1.0] * channels)
     names = list(class_names) if class_names else [str(i) for i in range(config.num_classes)]
     if len(names) != config.num_classes:
         raise ConfigError(f"NIR export: {len(names)} class names for {config.num_classes} classes")
     metadata = {
-        "format": NIR_FORMAT, "dt_s": float(config.lif.dt_s), "integrator": INTEGRATOR,
-        "reset": RESET_MODE, "state_init": STATE_INIT, "timesteps": int(config.timesteps),
-        "encoding": ENCODING, "readout": READOUT, "student_family": config.family,
+        "format": NIR_FORMAT, vocabulary.DT_KEY: float(config.lif.dt_s), "integrator": vocabulary.INTEGRATOR,
+        "reset": vocabulary.RESET, "state_init": vocabulary.STATE_INIT, "timesteps": int(config.timesteps),
+        "encoding": vocabulary.ENCODING, "readout": vocabulary.READOUT, "student_family": config.family,
         "normalization": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]},
-        "class_names": names, "spike_layers": spike_layers,
+        "class_names": names, "spike_layers": builder.spike_layers,
     }
     return nir.NIRGraph(nodes=builder.nodes, edges=builder.edges, metadata=encode_metadata(metadata),
                         type_check=True)
+
+
+def graph_layer_table(graph: nir.NIRGraph) -> list[dict]:
+    """The layer table of any NIR graph (a foreign file's too): one row per node in edge order."""
+    order = []
+    for source, target in graph.edges:
+        for name in (source, target):
+            if name not in order:
+                order.append(name)
+    order += [name for name in graph.nodes if name not in order]
+    rows = []
+    for name in order:
+        node = graph.nodes[name]
+        shape_in = next(iter(node.input_type.values()), None)
+        shape_out = next(iter(node.output_type.values()), None)
+        params = sum(int(np.asarray(getattr(node, f)).size) for f in WEIGHT_FIELDS if hasattr(node, f))
+        row = {"name": name, "type": type(node).__name__,
+               "input_shape": None if shape_in is None else [int(s) for s in shape_in],
+               "output_shape": None if shape_out is None else [int(s) for s in shape_out], "parameters": params}
+        if isinstance(node, nir.Conv2d):
+            row.update(kernel=[int(k) for k in node.weight.shape[2:]], stride=[int(s) for s in node.stride])
+        rows.append(row)
+    return rows
+
+
+def student_record(run_dir: Path, student: nn.Module, target: str, files: list[Path], rows: list[dict]) -> dict:
+    """The export.json payload of a student export (shared by the student-file exports)."""
+    config = student.config
+    return {"target": target, "run_dir": str(run_dir), "files": file_entries(files),
+            "input_shape": list(config.input_shape), "output_shape": [config.num_classes],
+            "timesteps": config.timesteps, "dt_s": config.lif.dt_s,
+            "parameters": sum(row["parameters"] for row in rows),
+            "student_parameters": sum(p.numel() for p in student.parameters()), "layers": rows}
+
+
+def export_nir(run_dir: Path, options: ExportOptions = ExportOptions()) -> dict:
+    """``export --target nir``: RUN_DIR/export/student.nir and its export.json record."""
+    spec = read_run_config(run_dir).teacher
+    student = load_student(Path(run_dir) / STUDENT)
+    mean, std = spec.mean_std
+    graph = student_to_nir(student, class_names=list(spec.classes), normalization=(list(mean), list(std)))
+    path = export_dir(run_dir) / export_kind("nir").file
+    write_nir(path, graph)
+    return merge_record(path.parent, student_record(run_dir, student, "nir", [path], graph_layer_table(graph)))

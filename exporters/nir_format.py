@@ -34,12 +34,7 @@ import numpy as np
 
 from stars_deploy.errors import StarsDeployError
 
-NIR_FORMAT = "stars-deploy/nir-v1"
-INTEGRATOR = "euler-norse"
-RESET_MODE = "value"
-STATE_INIT = "v_leak"
-ENCODING = "direct"
-READOUT = "mean"
+NIR_FORMAT = "stars-deploy/nir-v1"  # the words of the other keys: stars_deploy/vocabulary.py
 JSON_KEYS = ("normalization", "class_names", "spike_layers")
 
 

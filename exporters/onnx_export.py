@@ -16,12 +16,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stars_deploy.distill.config import read_run_config
 from stars_deploy.errors import StarsDeployError
 from stars_deploy.fileio import write_bytes
-from stars_deploy.folding import fold_student
-from stars_deploy.teachers import Normalizer
+from stars_deploy.layout import STUDENT, export_dir
+from stars_deploy.progress import log
+from stars_deploy.students import fold_student, load_student
+from stars_deploy.teachers import Normalizer, load_teacher
+from stars_deploy.teachers.training import ensure_default_teacher
+
+from .layers import LayerTable
+from .nir_export import describe_student, student_record
+from .records import merge_record
+from .registry import ExportOptions, export_kind
 
 OPSET = 18
+TEACHER_FILE = "teacher.onnx"
 
 
 class ONNXExportError(StarsDeployError):
@@ -77,3 +87,22 @@ def teacher_onnx_bytes(teacher: nn.Module, normalizer: Normalizer, input_shape) 
 
 def write_onnx(path: Path, data: bytes) -> None:
     write_bytes(Path(path), data)
+
+
+def export_onnx(run_dir: Path, options: ExportOptions = ExportOptions()) -> dict:
+    """``export --target onnx``: RUN_DIR/export/student.onnx (and teacher.onnx with
+    ``options.teacher``) and their export.json record."""
+    run_dir = Path(run_dir)
+    spec = read_run_config(run_dir).teacher
+    student = load_student(run_dir / STUDENT)
+    normalizer = Normalizer(*spec.mean_std)
+    out_dir = export_dir(run_dir)
+    log("exporting the student to ONNX (unrolled over T steps; about 10 s)")
+    files = [out_dir / export_kind("onnx").file]
+    write_onnx(files[0], student_onnx_bytes(student, normalizer))
+    if options.teacher:
+        weights = Path(spec.weights) if spec.weights else ensure_default_teacher()
+        files.append(out_dir / TEACHER_FILE)
+        write_onnx(files[1], teacher_onnx_bytes(load_teacher(spec, weights), normalizer, spec.input_shape))
+    rows = describe_student(student, LayerTable(student.config.input_shape)).rows
+    return merge_record(out_dir, student_record(run_dir, student, "onnx", files, rows))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import CheckpointError
 
@@ -84,3 +85,32 @@ def read_json(path: Path, what: str = "file") -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{what} {path} is not valid JSON ({exc})") from None
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if state and all(key.startswith("module.") for key in state):
+        return {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def fit_state_dict(model: nn.Module, state: dict, source: str) -> None:
+    """Load ``state`` into ``model`` strictly, tolerating a ``module.`` prefix and missing
+    ``num_batches_tracked``; otherwise raise one CheckpointError listing every problem."""
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{source} holds no state_dict of tensors")
+    state = _strip_prefix(state)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or misshaped:
+        def show(items):
+            return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "") or "none"
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: missing keys: {show(missing)}; "
+            f"unexpected keys: {show(unexpected)}; mis-shaped keys: {show(misshaped)}. "
+            "Check --teacher/--num-classes against the checkpoint")
+    model.load_state_dict(state, strict=False)

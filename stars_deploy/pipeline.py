@@ -21,6 +21,7 @@ one command for CI jobs, with check's exit codes (0 pass, 1 a gate failed, 2 bad
     enabled = true             # write RUN_DIR/report.html at the end (default true)
 
 Like the CLI, this module only orchestrates: exporters and targets are imported when used.
+The [distill] table is validated against the library's option schema (distill/options.py).
 """
 
 from __future__ import annotations
@@ -28,15 +29,13 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-import click
-
+from .distill.options import RUN_OPTIONS, config_from_options, options_from_table
 from .errors import ConfigError
 from .progress import log
 
 SECTIONS = ("distill", "export", "check", "report")
-PIPELINE_ONLY = ("as_json", "quiet", "resume")  # distill options that make no sense in a pipeline file
 DEFAULT_EXPORTS = ["nir", "loihi"]
-NEEDS_EXPORT = {"nir": "nir", "loihi": "loihi", "lava": "loihi"}  # check target -> the export it runs
+DEFAULT_CHECKS = ["loihi"]
 
 
 def _read(path: Path) -> dict:
@@ -55,86 +54,61 @@ def _read(path: Path) -> dict:
     return document
 
 
-def distill_params(table: dict, where: str) -> dict:
-    """Every parameter of the `distill` command, from ``table`` (keys named like its options)
-    converted and checked by click, the others at their defaults."""
-    from .cli import distill as command
-
-    context = click.Context(command)
-    by_key = {}
-    for param in command.params:
-        for option in param.opts:
-            by_key[option.lstrip("-")] = param
-        by_key.setdefault(param.name, param)
-    params = {param.name: param.get_default(context, call=True) for param in command.params}
-    for key, value in table.items():
-        param = by_key.get(key) or by_key.get(key.replace("_", "-"))
-        if param is None or param.name in PIPELINE_ONLY:
-            raise ConfigError(f"{where}: unknown key {key!r}; use the options of `stars-deploy distill --help` "
-                              "without their dashes (except json, quiet and resume)")
-        try:
-            params[param.name] = param.type_cast_value(context, value)
-        except click.BadParameter as exc:
-            raise ConfigError(f"{where}: {key} = {value!r}: {exc.message}") from None
-    return params
-
-
 def _export_targets(table: dict, where: str) -> list[str]:
+    from .exporters.registry import EXPORTS
+
     unknown = set(table) - {"targets"}
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; the only key is targets")
     targets = table.get("targets", DEFAULT_EXPORTS)
-    if not isinstance(targets, list) or not all(t in ("nir", "loihi", "onnx") for t in targets):
-        raise ConfigError(f"{where}: targets must be a list of nir, loihi, onnx; got {targets!r}")
+    if not isinstance(targets, list) or not all(t in EXPORTS for t in targets):
+        raise ConfigError(f"{where}: targets must be a list of {', '.join(EXPORTS)}; got {targets!r}")
     return targets
 
 
-def _check_targets(table: dict, where: str) -> list[str]:
-    targets = table.get("targets", [table.get("target", "loihi")])
-    if not isinstance(targets, list) or not targets or not all(t in ("nir", "loihi", "lava") for t in targets):
-        raise ConfigError(f"{where}: targets must be a non-empty list of nir, loihi, lava; got {targets!r}")
+def _check_targets(table: dict, exports: list[str], path: Path) -> list[str]:
+    """The [check] targets, each validated with its gates, and each with its export asked for."""
+    from .targets.gates import load_check_config
+    from .targets.registry import get_target, target_names
+
+    where = f"{path} [check]"
+    targets = table.get("targets", [table.get("target", DEFAULT_CHECKS[0])])
+    if not isinstance(targets, list) or not targets or not all(t in target_names() for t in targets):
+        raise ConfigError(f"{where}: targets must be a non-empty list of {', '.join(target_names())}; got {targets!r}")
+    for target in targets:  # validates every key and per-target table now
+        load_check_config(path, target)
+        needs = get_target(target).export
+        if needs not in exports:
+            raise ConfigError(f"{where}: target {target} needs [export] targets to include {needs}")
     return targets
 
 
-def run_pipeline(path: Path, device: str = "cpu") -> dict:
+def run_pipeline(path: Path, device: str = "auto") -> dict:
     """Run every stage the file asks for; returns each stage's result and whether all gates passed.
     The whole file is validated before the (long) distillation starts."""
-    from .cli import distill_config
     from .distill import distill
-    from .distributed import launch_world_size
+    from .distill.distributed import launch_world_size
 
     if launch_world_size() > 1:
         raise ConfigError("pipeline runs in one process: distil under torchrun with `stars-deploy distill`, "
                           "then run export, check and report on its run directory")
-
     path = Path(path)
     document = _read(path)
-    params = distill_params(document.get("distill", {}), f"{path} [distill]")
+    values = options_from_table(document.get("distill", {}), f"{path} [distill]")
     exports = _export_targets(document.get("export", {}), f"{path} [export]")
     check_table = document.get("check")
-    check_targets = _check_targets(check_table, f"{path} [check]") if check_table is not None else []
-    if check_table is not None:
-        from .targets.gates import load_check_config
-
-        for target in check_targets:  # validates every key and per-target table now
-            load_check_config(path, target)
-            if NEEDS_EXPORT[target] not in exports:
-                raise ConfigError(f"{path} [check]: target {target} needs [export] targets to include "
-                                  f"{NEEDS_EXPORT[target]}")
+    check_targets = _check_targets(check_table, exports, path) if check_table is not None else []
     report = document.get("report", {})
     if set(report) - {"enabled"} or not isinstance(report.get("enabled", True), bool):
         raise ConfigError(f"{path} [report]: the only key is enabled = true|false")
 
-    runs_dir, run_name = params.pop("runs_dir"), params.pop("run_name")
-    for name in PIPELINE_ONLY:
-        params.pop(name)
-    config = distill_config(**params)
+    config = config_from_options(values)
+    runs_dir, run_name = (values[name] for name in RUN_OPTIONS)
     summary = distill(config, runs_dir=runs_dir, run_name=run_name)
     run_dir = Path(summary["run_dir"])
     result = {"config": str(path), "run_dir": str(run_dir), "distill": summary, "exports": {}, "checks": {},
               "passed": True}
-
-    from .exporters.run_export import export_run
+    from .exporters.registry import export_run
 
     for target in exports:
         export_run(run_dir, target)

@@ -7,11 +7,27 @@ import sys
 from tqdm import tqdm
 
 _quiet = False
+_verbose = False
 
 
 def set_quiet(quiet: bool) -> None:
     global _quiet
     _quiet = quiet
+
+
+def set_verbose(value: bool) -> None:
+    global _verbose
+    _verbose = value
+
+
+def verbose() -> bool:
+    return _verbose
+
+
+def debug(message: str) -> None:
+    """One line on stderr only with -v/--verbose."""
+    if _verbose and not _quiet:
+        print(message, file=sys.stderr, flush=True)
 
 
 def log(message: str) -> None:

@@ -1,12 +1,4 @@
-"""Run directories: one per distill run, every file written atomically (see ARCHITECTURE.md).
-
-    runs/<name>/
-      manifest.json   versions, seed, config, teacher hash, dt, status, timings
-      student.pt      {'format', 'config', 'state_dict'} (weights_only=True)
-      distill.json    history, final accuracies, throughput
-      checkpoint.pt   latest resumable state (student, optimiser, RNG, pool list, history)
-      pool/           synthetic pool chunks
-"""
+"""Run directories: one per distill run, every file written atomically (names in layout.py)."""
 
 from __future__ import annotations
 
@@ -19,12 +11,8 @@ import torch
 
 from . import __version__
 from .errors import ConfigError
+from .layout import MANIFEST, STUDENT
 
-MANIFEST = "manifest.json"
-STUDENT = "student.pt"
-DISTILL = "distill.json"
-CHECKPOINT = "checkpoint.pt"
-POOL_DIR = "pool"
 RUN_FORMAT = "stars-deploy/run-v1"
 
 

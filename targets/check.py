@@ -7,18 +7,20 @@ from pathlib import Path
 
 from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import read_json
+from stars_deploy.layout import STUDENT, simulation_file
 from stars_deploy.progress import log
-from stars_deploy.runs import STUDENT, sha256_file
+from stars_deploy.runs import sha256_file
 
 from .gates import GATES, evaluate, load_check_config, measured_values
-from .simulate import TARGETS, resolve_file, run_eval_data, simulate
+from .registry import REFERENCE_STUDENT, get_target
+from .simulate import resolve_file, run_eval_data, simulate, simulation_request
 
-DEFAULT_TARGET = "loihi"
+DEFAULT_TARGET = "loihi"  # what CI gates when neither --target nor the config names one
 
 
 def _reusable(run_dir: Path, target: str, file: Path, request: dict) -> dict | None:
     """The stored simulate-<target>.json when it was made from this very file with this request."""
-    stored = run_dir / f"simulate-{target}.json"
+    stored = simulation_file(run_dir, target)
     if not stored.is_file():
         return None
     summary = read_json(stored, "simulation result")
@@ -29,7 +31,7 @@ def _reusable(run_dir: Path, target: str, file: Path, request: dict) -> dict | N
 
 def check(run_dir: Path, target: str | None = None, limits: dict | None = None, data: str | None = None,
           samples: int | None = None, config: Path | None = None, rerun: bool = False,
-          device: str = "cpu", config_directory: Path = Path(".")) -> dict:
+          device: str = "auto", config_directory: Path = Path(".")) -> dict:
     """Gate a run's ``target`` simulation. ``limits`` (gate name -> limit) override the config
     file's. Returns the gate rows, the measured values and whether every gate passed."""
     run_dir = Path(run_dir)
@@ -38,8 +40,7 @@ def check(run_dir: Path, target: str | None = None, limits: dict | None = None, 
                           "the run's float student")
     settings, config_file = load_check_config(config, None, config_directory)
     target = target or settings.get("target") or DEFAULT_TARGET
-    if target not in TARGETS:
-        raise ConfigError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+    spec = get_target(target)
     if config_file is not None:  # now that the target is known, with its own sub-table
         settings, _ = load_check_config(config_file, target)
     gates = {name: settings[name] for name in GATES if name in settings}
@@ -51,17 +52,17 @@ def check(run_dir: Path, target: str | None = None, limits: dict | None = None, 
     samples = samples if samples is not None else settings.get("samples")
     if samples is not None and samples < 1:
         raise ConfigError(f"samples must be at least 1, got {samples}")
-    file, _ = resolve_file(run_dir, target)
-    request = {"data": data, "samples": samples, "compare": "student", "dt_s": None, "timesteps": None,
-               "loihi2_pj_per_op": None}
+    file, _ = resolve_file(run_dir, spec)
+    request = simulation_request(data, samples, REFERENCE_STUDENT)
     summary = None if rerun else _reusable(run_dir, target, file, request)
     reused = summary is not None
     if reused:
-        log(f"reusing {run_dir / f'simulate-{target}.json'} (made from this {file.name})")
+        log(f"reusing {simulation_file(run_dir, target)} (made from this {file.name})")
     else:
-        summary = simulate(run_dir, target, data, samples, compare="student", device=device)
+        summary = simulate(run_dir, target, data, samples, compare=REFERENCE_STUDENT, device=device)
     values = measured_values(summary)
     rows = evaluate(gates, values)
     return {"run_dir": str(run_dir), "target": target, "file": str(file), "data": summary["data"],
-            "samples": summary["samples"], "reused": reused, "config_file": str(config_file) if config_file else None,
+            "samples": summary["samples"], "reused": reused, "result_file": str(simulation_file(run_dir, target)),
+            "config_file": str(config_file) if config_file else None,
             "passed": all(row["passed"] for row in rows), "gates": rows, "measured": values}

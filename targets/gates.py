@@ -27,6 +27,11 @@ from xml.etree import ElementTree
 from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import write_bytes
 
+from .registry import target_names
+
+
+GATE_FAILED = 1  # the exit code of `check` and `pipeline` when a gate fails (2: bad input)
+
 
 @dataclass(frozen=True)
 class Gate:
@@ -35,18 +40,22 @@ class Gate:
     minimum: bool  # True: measured >= limit passes; False: measured <= limit passes
     kind: type  # float or int
     description: str
+    low: float | None = None  # the range a limit must lie in (a fraction: 0..1)
+    high: float | None = None
 
 
 GATES = {gate.name: gate for gate in (
-    Gate("min_accuracy", "accuracy", True, float, "accuracy on the evaluation data (0-1)"),
+    Gate("min_accuracy", "accuracy", True, float, "accuracy on the evaluation data (0-1)", 0.0, 1.0),
     Gate("max_accuracy_drop", "accuracy_drop", False, float,
-         "float student accuracy minus target accuracy, on the same images (0-1)"),
-    Gate("min_agreement", "agreement", True, float, "fraction of predictions equal to the float student's"),
-    Gate("max_spikes_per_sample", "spikes_per_sample", False, float, "spikes per sample, all layers"),
-    Gate("max_synops_per_sample", "synops_per_sample", False, float, "synaptic operations per sample"),
-    Gate("max_latency_steps", "latency_steps", False, int, "steps from input to decision, pipeline delay included"),
+         "float student accuracy minus target accuracy, on the same images (-1..1)", -1.0, 1.0),
+    Gate("min_agreement", "agreement", True, float, "fraction of predictions equal to the float student's (0-1)",
+         0.0, 1.0),
+    Gate("max_spikes_per_sample", "spikes_per_sample", False, float, "spikes per sample, all layers", 0.0),
+    Gate("max_synops_per_sample", "synops_per_sample", False, float, "synaptic operations per sample", 0.0),
+    Gate("max_latency_steps", "latency_steps", False, int, "steps from input to decision, pipeline delay included",
+         0),
     Gate("min_activity_similarity", "activity_similarity", True, float,
-         "cosine similarity of per-layer mean firing rates, target against float student"),
+         "cosine similarity of per-layer mean firing rates, target against float student (0-1)", 0.0, 1.0),
 )}
 RUN_KEYS = {"target": str, "targets": list, "data": str, "samples": int}  # what to run, besides the limits
 CONFIG_FILES = ("stars-deploy.toml", "pyproject.toml")
@@ -73,6 +82,10 @@ def _validate(values: dict, where: str) -> dict:
             if not numeric or (expected is int and not float(value).is_integer()) or not math.isfinite(value):
                 raise ConfigError(f"{where}: {key} must be a{'n integer' if expected is int else ' number'}, "
                                   f"got {value!r}")
+            gate = GATES[name]
+            if (gate.low is not None and value < gate.low) or (gate.high is not None and value > gate.high):
+                bounds = f"{gate.low if gate.low is not None else '-inf'}..{gate.high if gate.high is not None else 'inf'}"
+                raise ConfigError(f"{where}: {key} = {value!r} is outside {bounds}")
             clean[name] = expected(value)
         elif name in RUN_KEYS:
             if not isinstance(value, RUN_KEYS[name]) or isinstance(value, bool):
@@ -111,9 +124,10 @@ def load_check_config(path: Path | None = None, target: str | None = None,
         where = f"{candidate} {_key_name(candidate)}"
         shared = {k: v for k, v in table.items() if not isinstance(v, dict)}
         settings = _validate(shared, where)
+        names = target_names()
         for sub, values in table.items():
-            if isinstance(values, dict) and sub not in ("nir", "loihi", "lava"):
-                raise ConfigError(f"{where}: unknown sub-table [{sub}]; per-target tables are nir, loihi, lava")
+            if isinstance(values, dict) and sub not in names:
+                raise ConfigError(f"{where}: unknown sub-table [{sub}]; per-target tables are {', '.join(names)}")
         if target is not None and isinstance(table.get(target), dict):
             settings.update(_validate(table[target], f"{where[:-1]}.{target}]"))
         return settings, candidate

@@ -32,12 +32,14 @@ import numpy as np
 import torch
 
 from stars_deploy.errors import StarsDeployError
-from stars_deploy.exporters.netx_format import input_bias_mantissa, read_network
+from stars_deploy.exporters.netx_format import read_network
 
-from .loihi import fan_out_synops, on_chip_neurons, readout_logits
+from .energy import loihi_energy
+from .loihi import CONVENTIONS, LATENCY_NOTE, fan_out_synops, input_bias_mantissa, on_chip_neurons, readout_logits
 from .record import TargetResult
+from .target import Target
 
-TARGET = "lava"
+NAME = "lava"
 OBJECT_DETECTION = "lava.lib.dl.slayer.object_detection"
 SELECT_TAG = "fixed_pt"
 
@@ -95,11 +97,11 @@ def _whc(array: np.ndarray) -> np.ndarray:
 class LavaRunner:
     """Runs a .net file in Lava's fixed-point simulator, all samples in one continuous run."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, timesteps: int | None = None):
         self.path = Path(path)
         self.network = read_network(self.path)
         self.metadata = self.network.metadata
-        self.timesteps = int(self.metadata.get("timesteps", 0))
+        self.timesteps = int(timesteps or self.metadata.get("timesteps", 0))
 
     def run(self, images: torch.Tensor, timesteps: int | None = None) -> TargetResult:
         """Run normalised ``images`` (B, *input shape): one continuous run of B (T + D) steps."""
@@ -107,20 +109,36 @@ class LavaRunner:
         steps = int(timesteps or self.timesteps)
         delay = self.network.pipeline_delay_steps
         period = steps + delay
-        layers, meta = self.network.layers, self.metadata["layers"]
         drive, clipped = input_bias_mantissa(self.network.input_stage, images)
         samples = drive.shape[0]
-        total = samples * period
-        # sample n drives the input layer during its steps n P + 1 .. (n + 1) P
-        frames = np.stack([_whc(x) for x in drive.numpy()], -1).astype(np.int32)
         start = time.perf_counter()
-        net = lava["Network"](net_config=str(self.path), reset_interval=period, reset_offset=0)
-        if len(net.layers) != len(layers):
-            raise LavaError(f"{self.path}: netx built {len(net.layers)} layers, the file describes {len(layers)}")
+        folder = Path(tempfile.mkdtemp(prefix="stars-lava-"))
+        try:
+            net = lava["Network"](net_config=str(self.path), reset_interval=period, reset_offset=0)
+            if len(net.layers) != len(self.network.layers):
+                raise LavaError(f"{self.path}: netx built {len(net.layers)} layers, the file describes "
+                                f"{len(self.network.layers)}")
+            files, u_path = self._connect(lava, net, drive, period, folder)
+            self._execute(lava, net, samples * period)
+            run_s = time.perf_counter() - start
+            recorded = {index: np.load(path) for index, path in files.items()}
+            currents = np.load(u_path) if u_path is not None else None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        result = self._record(recorded, currents, samples, steps, period)
+        result.timings_s = {"run_s": run_s, "read_s": time.perf_counter() - start - run_s, "steps_per_sample": period}
+        result.input_clipped = clipped
+        return result
+
+    def _connect(self, lava: dict, net, drive: torch.Tensor, period: int, folder: Path):
+        """The input source (sample n drives the input layer during its steps n P + 1 .. (n + 1) P)
+        and the recorders: every spiking layer's output, and the last layer's u for a
+        non-spiking readout. Returns ({layer: spike file}, u file or None)."""
+        meta, recorders = self.metadata["layers"], lava["recorders"]
+        total = drive.shape[0] * period
+        frames = np.stack([_whc(x) for x in drive.numpy()], -1).astype(np.int32)
         source = lava["Source"](data=np.repeat(frames, period, axis=-1))
         source.s_out.connect(net.layers[0].neuron.a_in)
-        recorders = lava["recorders"]
-        folder = Path(tempfile.mkdtemp(prefix="stars-lava-"))
         files = {}
         for index, block in enumerate(net.layers):
             if meta[index]["spiking"]:
@@ -131,22 +149,25 @@ class LavaRunner:
             u = net.layers[-1].neuron.u
             u_path = recorders.record_file(folder, "u", total, tuple(u.shape))
             recorders.VarFile(var=u, path=u_path)
+        return files, u_path
+
+    def _execute(self, lava: dict, net, total_steps: int) -> None:
         try:
             with warnings.catch_warnings():
                 # Lava's model search execs every module beside the recorders and warns for each
                 warnings.filterwarnings("ignore", message="Cannot import module")
-                net.run(condition=lava["RunSteps"](num_steps=total), run_cfg=lava["Loihi2SimCfg"](select_tag=SELECT_TAG))
-            run_s = time.perf_counter() - start
+                net.run(condition=lava["RunSteps"](num_steps=total_steps),
+                        run_cfg=lava["Loihi2SimCfg"](select_tag=SELECT_TAG))
         except Exception as exc:
             raise LavaError(f"Lava failed running {self.path}: {type(exc).__name__}: {exc} "
                             f"{_worker_errors(net)}".strip()) from None
         finally:
             net.stop()
-        try:
-            recorded = {index: np.load(path) for index, path in files.items()}
-            currents = np.load(u_path) if u_path is not None else None
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+
+    def _record(self, recorded: dict, currents, samples: int, steps: int, period: int) -> TargetResult:
+        """The common record from the recordings: each layer's T-step window per sample."""
+        layers, meta = self.network.layers, self.metadata["layers"]
+        delay = self.network.pipeline_delay_steps
 
         def windows(data: np.ndarray, first: int) -> torch.Tensor:
             """(total steps, Lava's W, H, C or N) -> (T, B, C, H, W or N): steps first + 1 ..
@@ -158,17 +179,20 @@ class LavaRunner:
         spikes = {meta[i]["spike_name"]: s.to(torch.float32) for i, s in spikes_of.items()}
         synops = {meta[i]["spike_name"]: fan_out_synops(layers[i + 1], s)
                   for i, s in spikes_of.items() if i + 1 < len(layers)}
-        if u_path is not None:
+        if currents is not None:
             logits_t = readout_logits(windows(currents, delay), layers[-1], meta[-1]["exponent"])
         else:
             logits_t = spikes_of[len(layers) - 1].flatten(2).to(torch.float32)
-        return TargetResult(TARGET, logits_t, spikes, synops,
-                            {"run_s": run_s, "read_s": time.perf_counter() - start - run_s,
-                             "steps_per_sample": period},
-                            latency_steps=period, pipeline_delay_steps=delay,
-                            neuron_updates=float(on_chip_neurons(self.network) * total), input_clipped=clipped)
+        return TargetResult(NAME, logits_t, spikes, synops, latency_steps=period, pipeline_delay_steps=delay,
+                            neuron_updates=float(on_chip_neurons(self.network) * samples * period), energy=loihi_energy)
 
 
-def load_lava(path) -> LavaRunner:
+def load_lava(path, timesteps: int | None = None) -> LavaRunner:
     """Prepare Lava's simulator for a .net file (Lava itself is imported when it runs)."""
-    return LavaRunner(path)
+    return LavaRunner(path, timesteps)
+
+
+TARGET = Target(
+    NAME, export="loihi", summary="Lava's own fixed-point simulator running the .net file (slow; the emulator's check)",
+    load=lambda path, options: load_lava(path, options.timesteps), latency_note=LATENCY_NOTE,
+    conventions=" ".join(CONVENTIONS.split()), energy=loihi_energy, whole_batch=True, report_simulates=False)

@@ -3,6 +3,31 @@ r"""Bit-accurate emulator of the Loihi CUBA fixed point, reading the exported ``
 It computes what Lava's ``PyLifModelBitAcc`` (via netx's LIFReset), ``PyConvModelFixed`` and
 ``PyDenseModelBitAcc`` compute, vectorised over a batch in torch int64 on CPU or CUDA.
 
+The fixed-point semantics it reproduces (states, widths, time, input, readout) are
+:data:`CONVENTIONS`, printed in every summary; the chip's numbers are in
+stars_deploy/hardware/loihi.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stars_deploy.exporters.netx_format import InputStage, NetxFormatError, NetxLayer, NetxNetwork, read_network
+from stars_deploy.hardware.loihi import (ACTIVATION_SHIFT, BIAS_EXP, BIAS_MANT_MAX, BIAS_MANT_MIN, CONV_SUM_BITS,
+                                         DECAY_SCALE, STATE_HALF_RANGE, THRESHOLD_SHIFT, WEIGHT_BITS, WEIGHT_MAX,
+                                         WEIGHT_MIN)
+
+from .energy import loihi_energy
+from .record import TargetResult
+from .target import Target
+
+NAME = "loihi"
+CONVENTIONS = """\
 State variables (per neuron, per step; widths as on Loihi):
 
 - ``a_in``  synaptic input, integer. Conv: the 24-bit wrapped sum ``(x + 2^23) mod 2^24 - 2^23``
@@ -32,38 +57,16 @@ which is exactly the chip's window; records hold windows (T steps per layer, ali
 the float targets), ``latency_steps = T + D`` and ``pipeline_delay_steps = D``.
 
 Input: the off-chip first synaptic layer's output, a 13-bit integer per input-layer neuron
-(``netx_format.input_bias_mantissa``), is that neuron's synaptic input ``a_in`` at every step
+(:func:`input_bias_mantissa`), is that neuron's synaptic input ``a_in`` at every step
 of the sample, as Lava's runner sends it (targets/lava_sim.py). With the exporter's
 ``iDecay = 4096`` this is bit for bit a bias of the same mantissa (``u = a_in << 6``).
 
 Readout: for a non-spiking last layer the logits of step t are ``(u_t / 64 + bias) / 2^e``
 (``e`` its exponent, in the file's metadata); for a spiking last layer the spikes themselves.
 """
-
-from __future__ import annotations
-
-import math
-import time
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from stars_deploy.exporters.netx_format import (NetxFormatError, NetxLayer, NetxNetwork, input_bias_mantissa,
-                                                read_network)
-
-from .record import TargetResult
-
-TARGET = "loihi"
-DECAY_SHIFT = 12
-DECAY_UNITY = 1 << DECAY_SHIFT
-ACTIVATION_SHIFT = 6
-THRESHOLD_SHIFT = 6
-BIAS_EXP = 6  # netx fixes the bias exponent
-STATE_HALF_RANGE = 1 << 23  # u and v are 24-bit signed
-CONV_SUM_BITS = 24  # Lava's fixed-point conv wraps its output to 24 bits
+LATENCY_NOTE = ("fixed point: one step of delay per synaptic connection; each layer's T-step window is recorded "
+                "(the delay undone), the decision is read latency_steps = T + pipeline_delay_steps after the input")
 FLOAT32_EXACT = 1 << 24  # integers below this add exactly in float32
-NETX_WEIGHT_MAX, NETX_WEIGHT_MIN = 254, -256
 
 
 def netx_dense_weights(weight: np.ndarray, source: str = "dense layer") -> tuple[np.ndarray, int]:
@@ -74,11 +77,11 @@ def netx_dense_weights(weight: np.ndarray, source: str = "dense layer") -> tuple
     max_w, min_w = int(w.max()), int(w.min())
     if max_w == min_w == 0:
         raise NetxFormatError(f"{source}: all-zero dense weights, which netx cannot load")
-    if max_w > NETX_WEIGHT_MAX and min_w < 0:
-        w = np.clip(w, NETX_WEIGHT_MIN, NETX_WEIGHT_MAX)
+    if max_w > WEIGHT_MAX and min_w < 0:
+        w = np.clip(w, WEIGHT_MIN, WEIGHT_MAX)
         max_w = int(w.max())
-    if min_w < NETX_WEIGHT_MIN and max_w > 0:
-        w = np.clip(w, NETX_WEIGHT_MIN, NETX_WEIGHT_MAX)
+    if min_w < WEIGHT_MIN and max_w > 0:
+        w = np.clip(w, WEIGHT_MIN, WEIGHT_MAX)
         min_w = int(w.min())
     if max_w < 0:
         scale, signed = -256 / min_w, 0
@@ -90,11 +93,11 @@ def netx_dense_weights(weight: np.ndarray, source: str = "dense layer") -> tuple
     if scale_bits < 0:
         raise NetxFormatError(f"{source}: weights {min_w}..{max_w} make netx shift them by {scale_bits} bits; "
                               "keep dense weights within -256..254")
-    n = 8
+    n = WEIGHT_BITS
     while n > 0 and np.any(w % (1 << n)):
         n -= 1
     n -= signed
-    num_weight_bits = 8 - scale_bits - n
+    num_weight_bits = WEIGHT_BITS - scale_bits - n
     w = w << scale_bits
     # Lava's PyDenseModelBitAcc: sign mode of the shifted weights, clip to 8 bits, truncate
     if w.min() >= 0:
@@ -106,11 +109,29 @@ def netx_dense_weights(weight: np.ndarray, source: str = "dense layer") -> tuple
     if inhibitory:
         w = -w
     w = np.clip(w, -256 * mixed, 255)
-    shift = 8 - num_weight_bits + mixed
+    shift = WEIGHT_BITS - num_weight_bits + mixed
     w = (w >> shift) << shift
     if inhibitory:
         w = -w
     return w, -scale_bits
+
+
+def input_current(stage: InputStage, images: torch.Tensor) -> torch.Tensor:
+    """c = the off-chip first layer applied to normalised images (B, *input_shape), float64 on the CPU."""
+    x = images.detach().to("cpu", torch.float64).reshape(-1, *stage.input_shape)
+    weight, bias = torch.from_numpy(stage.weight), torch.from_numpy(stage.bias)
+    if stage.kind == "conv":
+        return F.conv2d(x, weight, bias, stage.stride, stage.padding, stage.dilation, stage.groups)
+    return F.linear(x.flatten(1), weight, bias)
+
+
+def input_bias_mantissa(stage: InputStage, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the input layer's per-sample bias mantissa (B, ...) int64, values clipped to 13 bits).
+
+    Shared by the emulator and the Lava runner: both inject these integers unchanged."""
+    scaled = torch.round(stage.current_scale * input_current(stage, images) + stage.current_offset)
+    clipped = int(((scaled < BIAS_MANT_MIN) | (scaled > BIAS_MANT_MAX)).sum())
+    return scaled.clamp(BIAS_MANT_MIN, BIAS_MANT_MAX).to(torch.int64), clipped
 
 
 def exact_float(weight: np.ndarray, device: torch.device = torch.device("cpu")) -> torch.dtype:
@@ -127,11 +148,11 @@ def exact_float(weight: np.ndarray, device: torch.device = torch.device("cpu")) 
 def _decay(state: torch.Tensor, decay: int) -> torch.Tensor:
     """sign(x) * ((|x| * (4096 - decay)) >> 12): Loihi's decay, truncating toward zero (that
     is integer division of x * (4096 - decay) by 4096 rounded toward zero)."""
-    if decay == DECAY_UNITY:
+    if decay == DECAY_SCALE:
         return torch.zeros_like(state)
     if decay == 0:
         return state
-    return torch.div(state * (DECAY_UNITY - decay), DECAY_UNITY, rounding_mode="trunc")
+    return torch.div(state * (DECAY_SCALE - decay), DECAY_SCALE, rounding_mode="trunc")
 
 
 def cuba_run(a_in: torch.Tensor | None, bias: torch.Tensor, layer: NetxLayer, steps: int,
@@ -226,15 +247,15 @@ class LoihiEmulator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         delay = self.network.pipeline_delay_steps
-        return TargetResult(TARGET, logits_t, spikes, synops, {"run_s": time.perf_counter() - start},
+        return TargetResult(NAME, logits_t, spikes, synops, {"run_s": time.perf_counter() - start},
                             latency_steps=steps + delay, pipeline_delay_steps=delay,
                             neuron_updates=float(on_chip_neurons(self.network) * (steps + delay) * batch),
-                            input_clipped=clipped)
+                            input_clipped=clipped, energy=loihi_energy)
 
 
 def conventions() -> str:
     """The fixed-point conventions (states, widths, time), as one paragraph for users."""
-    return " ".join((__doc__ or "").split("State variables", 1)[1].split())
+    return " ".join(CONVENTIONS.split())
 
 
 def readout_logits(currents: torch.Tensor, layer: NetxLayer, exponent: int) -> torch.Tensor:
@@ -259,6 +280,14 @@ def fan_out_synops(target: NetxLayer, spikes: torch.Tensor) -> float:
     return float(hits.sum()) * int(target.weight.shape[0])
 
 
-def load_emulator(path, device: str = "cpu") -> LoihiEmulator:
-    """Read a .net file and prepare the emulator for it."""
-    return LoihiEmulator(read_network(path), device=device, source=str(path))
+def load_emulator(path, device: str = "cpu", timesteps: int | None = None) -> LoihiEmulator:
+    """Read a .net file and prepare the emulator for it (``timesteps``: the file's unless given)."""
+    emulator = LoihiEmulator(read_network(path), device=device, source=str(path))
+    emulator.timesteps = int(timesteps or emulator.timesteps)
+    return emulator
+
+
+TARGET = Target(
+    NAME, export="loihi", summary="bit-accurate emulator of the .net file's Loihi fixed point (CPU or CUDA, batched)",
+    load=lambda path, options: load_emulator(path, options.device, options.timesteps),
+    latency_note=LATENCY_NOTE, conventions=conventions(), energy=loihi_energy)

@@ -1,8 +1,29 @@
 r"""The float reference executor for NIR graphs: every node, T steps, a batch, CPU or CUDA.
 
-Conventions it assumes (stated by ``conventions()``, checked on load; a graph that breaks them
-fails with an error naming the node or the metadata key):
+Its conventions (:data:`CONVENTIONS`, printed in every summary) are checked on load: a graph
+that breaks them fails with an error naming the node or the metadata key.
+"""
 
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+
+import nir
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stars_deploy.exporters.nir_format import NIRFormatError, decode_metadata, read_nir
+from stars_deploy.vocabulary import ACCEPTED_INTEGRATORS, ACCEPTED_RESETS
+
+from .energy import loihi_energy
+from .record import TargetResult
+from .target import Target
+
+NAME = "nir"
+
+CONVENTIONS = """\
 - time: explicit Euler at ``dt_s`` (graph metadata, or given by the caller for files from
   other tools); ``dt / tau`` must be at most 1 for every time constant, otherwise the file
   was written for another dt (snnTorch writes ``tau = dt / (1 - beta)``, ``r = tau / dt`` at
@@ -22,35 +43,18 @@ fails with an error naming the node or the metadata key):
   (T, B, ...) sequence is given; the decision is the argmax of the Output's mean over T;
 - no synaptic delays: the output at step t depends on the input at step t (pipeline delay 0).
 """
-
-from __future__ import annotations
-
-import time
-from collections import defaultdict, deque
-
-import nir
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from stars_deploy.exporters.nir_format import INTEGRATOR, RESET_MODE, NIRFormatError, decode_metadata
-
-from .record import TargetResult
-
-TARGET = "nir"
+LATENCY_NOTE = "float reference: no synaptic or pipeline delay; the decision is read after T steps"
 SPIKING = (nir.IF, nir.LIF, nir.CubaLIF, nir.Threshold)
 STATEFUL = (nir.IF, nir.LI, nir.LIF, nir.CubaLIF)
 STATELESS = (nir.Affine, nir.Linear, nir.Scale, nir.Conv2d, nir.Flatten, nir.SumPool2d,
              nir.AvgPool2d, nir.Threshold)
 SUPPORTED = (nir.Input, nir.Output) + STATEFUL + STATELESS
-ACCEPTED_RESETS = (RESET_MODE, "zero")  # "zero" in a file means reset to v_reset (= 0)
-ACCEPTED_INTEGRATORS = (INTEGRATOR, "euler")
 MAX_EULER_RATIO = 1.0  # dt / tau above this: explicit Euler overshoots the fixed point
 
 
 def conventions() -> str:
     """The conventions this executor assumes, as one paragraph for users."""
-    return (__doc__ or "").split("Conventions it assumes", 1)[1].split("\n\"\"\"")[0].strip()
+    return " ".join(CONVENTIONS.split())
 
 
 def _tensor(array, device, dtype=torch.float32) -> torch.Tensor:
@@ -316,10 +320,10 @@ class NIRReference:
         synops = {layer: self._synops(node_of[layer], s) for layer, s in spikes.items()}
         neurons = sum(int(np.prod(self.graph.nodes[name].output_type["output"])) for name in self.order
                       if isinstance(self.graph.nodes[name], STATEFUL))
-        return TargetResult(TARGET, logits.contiguous(), spikes, synops,
+        return TargetResult(NAME, logits.contiguous(), spikes, synops,
                             {"run_s": run_s, "synops_s": time.perf_counter() - start - run_s},
                             latency_steps=steps, pipeline_delay_steps=0,
-                            neuron_updates=float(neurons * steps * inputs.shape[-len(input_shape) - 1]))
+                            neuron_updates=float(neurons * steps * inputs.shape[-len(input_shape) - 1]), energy=loihi_energy)
 
     def _gather(self, name: str, values, steps: int) -> tuple[torch.Tensor, bool]:
         sources = self.inputs_of[name]
@@ -363,6 +367,10 @@ class NIRReference:
 def load_reference(path, dt_s: float | None = None, timesteps: int | None = None,
                    device: str = "cpu") -> NIRReference:
     """Read a .nir file (type-checked) and prepare the reference executor for it."""
-    from stars_deploy.exporters.nir_format import read_nir
-
     return NIRReference(read_nir(path), dt_s=dt_s, timesteps=timesteps, device=device, source=str(path))
+
+
+TARGET = Target(
+    NAME, export="nir", summary="float reference executor of the .nir file (CPU or CUDA)",
+    load=lambda path, options: load_reference(path, options.dt_s, options.timesteps, options.device),
+    latency_note=LATENCY_NOTE, conventions=conventions(), energy=loihi_energy)

@@ -12,37 +12,18 @@ A record holds, for a batch of B samples run for T steps:
   neuron_updates neuron state updates over the batch (neurons x steps they are stepped)
   input_clipped  input values that did not fit the target's input format (0 for float targets)
 
-Energy (``energy_estimate``): per-operation energies, named with their sources. Loihi 1:
-23.6 pJ per synaptic op, 3.5 pJ routing per spike and 81 pJ per neuron update (Davies et al.,
-"Loihi: A Neuromorphic Manycore Processor with On-Chip Learning", IEEE Micro 38(1), 2018,
-Table 1). Loihi 2: no primary per-operation figure is published, so the caller supplies one
-energy per operation (synaptic op or neuron update), in pJ.
+  energy         the target's energy model (energy.py) that prices these counts, or None
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Callable
+
 import torch
 
-LOIHI1_SYNOP_PJ = 23.6  # Davies et al., IEEE Micro 2018, Table 1: synaptic spike op
-LOIHI1_SPIKE_ROUTING_PJ = 3.5  # same table: spike routed across one tile hop
-LOIHI1_NEURON_UPDATE_PJ = 81.0  # same table: active neuron update
-LOIHI1_SOURCE = "Davies et al., Loihi: a neuromorphic manycore processor, IEEE Micro 38(1), 2018, Table 1"
-PJ = 1e-12
-
-
-def energy_estimate(synops: float, spikes: float, neuron_updates: float,
-                    loihi2_pj_per_op: float | None = None) -> dict:
-    """Joules for the given counts: Loihi 1 from its published per-op table; Loihi 2 only when
-    the caller supplies a per-operation energy (pJ per synaptic op or neuron update)."""
-    loihi1 = (synops * LOIHI1_SYNOP_PJ + spikes * LOIHI1_SPIKE_ROUTING_PJ
-              + neuron_updates * LOIHI1_NEURON_UPDATE_PJ) * PJ
-    return {"loihi1_j": loihi1, "loihi1_source": LOIHI1_SOURCE,
-            "loihi1_pj_per_op": {"synop": LOIHI1_SYNOP_PJ, "spike_routing": LOIHI1_SPIKE_ROUTING_PJ,
-                                 "neuron_update": LOIHI1_NEURON_UPDATE_PJ},
-            "loihi2_j": None if loihi2_pj_per_op is None else (synops + neuron_updates) * loihi2_pj_per_op * PJ,
-            "loihi2_pj_per_op": loihi2_pj_per_op}
+MODEL = object()  # summarize's default energy model: the one the result carries
 
 
 @dataclass
@@ -56,6 +37,7 @@ class TargetResult:
     pipeline_delay_steps: int = 0
     neuron_updates: float = 0.0
     input_clipped: int = 0
+    energy: Callable[[dict, float | None], dict] | None = None  # the target's energy model (energy.py), if any
 
     @property
     def logits(self) -> torch.Tensor:
@@ -94,7 +76,7 @@ class TargetResult:
     def cpu(self) -> "TargetResult":
         return TargetResult(self.target, self.logits_t.cpu(), {k: v.cpu() for k, v in self.spikes.items()},
                             dict(self.synops), dict(self.timings_s), self.latency_steps,
-                            self.pipeline_delay_steps, self.neuron_updates, self.input_clipped)
+                            self.pipeline_delay_steps, self.neuron_updates, self.input_clipped, self.energy)
 
 
 def concat_results(results: list[TargetResult]) -> TargetResult:
@@ -105,7 +87,7 @@ def concat_results(results: list[TargetResult]) -> TargetResult:
                         {name: torch.cat([r.spikes[name] for r in results], 1) for name in first.spikes},
                         {name: sum(r.synops[name] for r in results) for name in first.synops},
                         timings, first.latency_steps, first.pipeline_delay_steps,
-                        sum(r.neuron_updates for r in results), sum(r.input_clipped for r in results))
+                        sum(r.neuron_updates for r in results), sum(r.input_clipped for r in results), first.energy)
 
 
 def spike_mismatches(result: TargetResult, reference: TargetResult) -> dict[str, int]:
@@ -125,10 +107,11 @@ def spike_mismatches(result: TargetResult, reference: TargetResult) -> dict[str,
 
 
 def summarize(result: TargetResult, labels: torch.Tensor | None = None,
-              reference: TargetResult | None = None, loihi2_pj_per_op: float | None = None) -> dict:
+              reference: TargetResult | None = None, energy=MODEL, loihi2_pj_per_op: float | None = None) -> dict:
     """The metrics every target reports: accuracy, agreement and spike mismatches against
     ``reference``, spikes, synaptic ops and neuron updates per sample, latency, and the
-    energy estimate per sample (``energy_estimate``)."""
+    energy per sample from ``energy`` (by default the model the result carries, energy.py;
+    None: no estimate)."""
     samples = result.samples
     predictions = result.predictions.cpu()
     spike_counts = result.spike_counts()
@@ -149,8 +132,9 @@ def summarize(result: TargetResult, labels: torch.Tensor | None = None,
         "firing_rate_per_layer": result.firing_rates(),
         "accuracy_by_step": result.accuracy_by_step(labels) if labels is not None else None,
     }
-    summary["energy_per_sample"] = energy_estimate(summary["synops_per_sample"], summary["spikes_per_sample"],
-                                                   summary["neuron_updates_per_sample"], loihi2_pj_per_op)
+    if energy is MODEL:
+        energy = result.energy
+    summary["energy_per_sample"] = energy(summary, loihi2_pj_per_op) if energy is not None else None
     if reference is not None:
         per_layer = spike_mismatches(result, reference)
         ref_predictions = reference.predictions.cpu()

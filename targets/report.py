@@ -10,8 +10,9 @@ same plots are written to RUN_DIR/plots/*.png:
 - the Loihi weight quantisation error per layer (export.json);
 - the distillation curve (accuracy and agreement at each evaluation).
 
-It reads simulate-<target>.json where present and simulates the exported targets that lack
-one (nir and loihi; lava only when its result is already there, as it is slow).
+The simulations come from targets/simulate.py (``collect_results``: the stored
+simulate-<target>.json where present, else a fresh run of every target whose registry record
+says ``report_simulates``); this module only draws and writes.
 """
 
 from __future__ import annotations
@@ -27,16 +28,14 @@ matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from stars_deploy.data import load_eval_data  # noqa: E402
 from stars_deploy.errors import ConfigError  # noqa: E402
 from stars_deploy.fileio import read_json, write_bytes  # noqa: E402
+from stars_deploy.layout import DISTILL, EXPORT_JSON, MANIFEST, PLOTS_DIR, REPORT, STUDENT, export_dir  # noqa: E402
 from stars_deploy.progress import log  # noqa: E402
-from stars_deploy.runs import DISTILL, MANIFEST, STUDENT  # noqa: E402
+from stars_deploy.units import percent  # noqa: E402
 
-from .simulate import EXPORTED, TARGETS, load_target, model_inputs, run_eval_data, simulate  # noqa: E402
+from .simulate import collect_results, raster_sample  # noqa: E402
 
-REPORT = "report.html"
-PLOTS = "plots"
 RASTER_NEURONS = 256  # neurons drawn per layer in the raster (evenly spaced when a layer has more)
 FIGURE_DPI = 110
 
@@ -137,65 +136,27 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _percent(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f} %"
+def _read(path: Path, what: str) -> dict:
+    return read_json(path, what) if path.is_file() else {}
 
 
-def _summaries(run_dir: Path, data: str | None, samples: int | None, device: str) -> dict[str, dict]:
-    summaries = {}
-    for target in TARGETS:
-        stored = run_dir / f"simulate-{target}.json"
-        exported = (run_dir / "export" / EXPORTED[target]).is_file()
-        if stored.is_file():
-            summaries[target] = read_json(stored, "simulation result")
-        elif exported and target != "lava":
-            summaries[target] = simulate(run_dir, target, data, samples, compare="student", device=device)
-    return summaries
-
-
-def _raster_spikes(run_dir: Path, summaries: dict[str, dict], device: str) -> tuple[str | None, dict]:
-    target = next((t for t in ("loihi", "nir") if t in summaries), None)
-    if target is None:
-        return None, {}
-    run, metadata, _ = load_target(target, run_dir / "export" / EXPORTED[target], device=device)
-    data = load_eval_data(summaries[target].get("request", {}).get("data") or run_eval_data(run_dir)).subset(1)
-    return target, run(model_inputs(metadata, data.images)).cpu().spikes
-
-
-def write_report(run_dir: Path, data: str | None = None, samples: int | None = None, device: str = "cpu") -> dict:
-    """Write RUN_DIR/report.html and RUN_DIR/plots/*.png; returns what was written."""
-    run_dir = Path(run_dir)
-    if not (run_dir / STUDENT).is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no {STUDENT})")
-    manifest = read_json(run_dir / MANIFEST, "run manifest") if (run_dir / MANIFEST).is_file() else {}
-    distill = read_json(run_dir / DISTILL, "distillation record") if (run_dir / DISTILL).is_file() else {}
-    export_path = run_dir / "export" / "export.json"
-    export = read_json(export_path, "export record") if export_path.is_file() else {}
-    data = data or run_eval_data(run_dir)
-    summaries = _summaries(run_dir, data, samples, device)
-    raster_target, raster = _raster_spikes(run_dir, summaries, device)
-    plots = {
+def _plots(summaries: dict[str, dict], raster: tuple[str | None, dict], export: dict, distill: dict) -> dict:
+    raster_target, raster_spikes = raster
+    return {
         "accuracy_vs_timesteps": ("Accuracy against timesteps", _accuracy_plot(summaries)),
         "firing_rates": ("Firing rates per layer", _rates_plot(summaries)),
-        "spike_raster": ("Spike raster", _raster_plot(raster, raster_target)),
+        "spike_raster": ("Spike raster", _raster_plot(raster_spikes, raster_target)),
         "quantization_error": ("Weight quantisation error", _quantization_plot(export.get("quantization", []))),
         "distillation": ("Distillation curve", _distillation_plot(distill.get("history", []))),
     }
-    sections, written = [], []
-    for name, (title, png) in plots.items():
-        if png is None:
-            sections.append(f"<h2>{title}</h2><p class='missing'>Nothing to plot: no data for it in this run.</p>")
-            continue
-        write_bytes(run_dir / PLOTS / f"{name}.png", png)
-        written.append(f"{PLOTS}/{name}.png")
-        sections.append(f"<h2>{title}</h2><img alt='{html.escape(title)}' "
-                        f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
 
-    target_rows = [[t, s.get("data"), s.get("samples"), _percent(s.get("accuracy")), _percent(s.get("reference_accuracy")),
-                    _percent(s.get("agreement")), s.get("spike_mismatches"), s.get("spikes_per_sample"),
+
+def _tables(summaries: dict[str, dict], export: dict, distill: dict) -> list[str]:
+    target_rows = [[t, s.get("data"), s.get("samples"), percent(s.get("accuracy")), percent(s.get("reference_accuracy")),
+                    percent(s.get("agreement")), s.get("spike_mismatches"), s.get("spikes_per_sample"),
                     s.get("synops_per_sample"), s.get("neuron_updates_per_sample"), s.get("latency_steps"),
                     (s.get("energy_per_sample") or {}).get("loihi1_j")] for t, s in summaries.items()]
-    tables = [
+    return [
         "<h2>Targets</h2>" + _table(["target", "data", "samples", "accuracy", "float student", "agreement",
                                      "spike mismatches", "spikes / sample", "synops / sample",
                                      "neuron updates / sample", "latency (steps)", "Loihi 1 energy / sample (J)"],
@@ -211,20 +172,45 @@ def write_report(run_dir: Path, data: str | None = None, samples: int | None = N
                                            distill.get("agreement"), distill.get("rounds"),
                                            distill.get("synthetic_images"), distill.get("wall_time_s")]]),
     ]
-    title = f"stars-deploy report: {run_dir.name}"
-    page = f"""<!DOCTYPE html>
+
+
+def _page(title: str, manifest: dict, tables: list[str], sections: list[str]) -> str:
+    config = manifest.get("config", {})
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}}
 th{{background:#eee}}img{{max-width:100%}}.missing{{color:#777}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>Teacher {html.escape(str(manifest.get('config', {}).get('teacher', {}).get('arch', 'n/a')))},
-student {html.escape(str(manifest.get('config', {}).get('student', {}).get('family', 'n/a')))},
-objective {html.escape(str(manifest.get('config', {}).get('objective', 'n/a')))}.</p>
+<p>Teacher {html.escape(str(config.get('teacher', {}).get('arch', 'n/a')))},
+student {html.escape(str(config.get('student', {}).get('family', 'n/a')))},
+objective {html.escape(str(config.get('objective', 'n/a')))}.</p>
 {''.join(tables)}
 {''.join(sections)}
 </body></html>
 """
+
+
+def write_report(run_dir: Path, data: str | None = None, samples: int | None = None, device: str = "auto") -> dict:
+    """Write RUN_DIR/report.html and RUN_DIR/plots/*.png; returns what was written."""
+    run_dir = Path(run_dir)
+    if not (run_dir / STUDENT).is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {STUDENT})")
+    manifest = _read(run_dir / MANIFEST, "run manifest")
+    distill = _read(run_dir / DISTILL, "distillation record")
+    export = _read(export_dir(run_dir) / EXPORT_JSON, "export record")
+    summaries = collect_results(run_dir, data, samples, device)
+    plots = _plots(summaries, raster_sample(run_dir, summaries, device), export, distill)
+    sections, written = [], []
+    for name, (title, png) in plots.items():
+        if png is None:
+            sections.append(f"<h2>{title}</h2><p class='missing'>Nothing to plot: no data for it in this run.</p>")
+            continue
+        write_bytes(run_dir / PLOTS_DIR / f"{name}.png", png)
+        written.append(f"{PLOTS_DIR}/{name}.png")
+        sections.append(f"<h2>{title}</h2><img alt='{html.escape(title)}' "
+                        f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    page = _page(f"stars-deploy report: {run_dir.name}", manifest, _tables(summaries, export, distill), sections)
     write_bytes(run_dir / REPORT, page.encode())
     log(f"report: {run_dir / REPORT} ({len(written)} plots)")
     return {"report": str(run_dir / REPORT), "plots": written, "targets": list(summaries)}

@@ -1,40 +1,45 @@
-"""``stars-deploy simulate``: run an exported file on evaluation data and compare it.
+"""``stars-deploy simulate``: run an exported file on a target, on evaluation data, and compare.
 
-Targets: ``nir`` (the float NIR reference, student.nir), ``loihi`` (the bit-accurate
-emulator of student.net) and ``lava`` (Lava's fixed-point simulator running student.net).
-The reference for ``--compare student`` is the run's student with BatchNorm folded (the
-student as shipped); ``nir``, ``loihi`` and ``lava`` run that target on the same images (the
-run's other exported file); ``none`` compares with nothing. Fixed-point records hold each
-layer's T-step window (the pipeline delay undone, targets/loihi.py), so spikes compare step
-by step with the float targets too.
+The target (targets/registry.py) runs the file of the export it names: inside a run
+directory RUN_DIR/export/<file>, or a file given directly. ``--compare student`` compares
+with the run's student with BatchNorm folded (the student as shipped); a target name runs
+that target on the same images (the same export's file for it); ``none`` compares with
+nothing. Fixed-point records hold each layer's T-step window (the pipeline delay undone,
+targets/loihi.py), so spikes compare step by step with the float targets too.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from stars_deploy.data import load_eval_data
+from stars_deploy.devices import resolve_device
+from stars_deploy.distill.config import read_run_config
 from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import read_json, write_json
+from stars_deploy.layout import MANIFEST, STUDENT, simulation_file
 from stars_deploy.progress import log
-from stars_deploy.runs import MANIFEST, STUDENT, sha256_file
+from stars_deploy.runs import sha256_file
 from stars_deploy.teachers import Normalizer
 
 from .record import TargetResult, concat_results, summarize
+from .registry import (REFERENCE_NONE, REFERENCE_STUDENT, compare_choices, exported_file, get_target,
+                       sibling_file, targets)
+from .target import RunnerOptions, Target
 
 BATCH = 256
-TARGETS = ("nir", "loihi", "lava")
-COMPARES = ("student",) + TARGETS + ("none",)
-EXPORTED = {"nir": "student.nir", "loihi": "student.net", "lava": "student.net"}
-EXPORT_TARGET = {"nir": "nir", "loihi": "loihi", "lava": "loihi"}
-LATENCY_NOTES = {
-    "nir": "float reference: no synaptic or pipeline delay; the decision is read after T steps",
-    "loihi": "fixed point: one step of delay per synaptic connection; each layer's T-step window is recorded "
-             "(the delay undone), the decision is read latency_steps = T + pipeline_delay_steps after the input",
-}
-LATENCY_NOTES["lava"] = LATENCY_NOTES["loihi"]
+DEFAULT_DATA = "digits"
+
+
+def simulation_request(data: str, samples: int | None, compare: str, dt_s: float | None = None,
+                       timesteps: int | None = None, loihi2_pj_per_op: float | None = None) -> dict:
+    """What a simulation was asked for, stored with its result (``check`` reuses a result
+    only for the same request on the same file)."""
+    return {"data": data, "samples": samples, "compare": compare, "dt_s": dt_s, "timesteps": timesteps,
+            "loihi2_pj_per_op": loihi2_pj_per_op}
 
 
 def _student_record(student, images: torch.Tensor) -> TargetResult:
@@ -42,35 +47,21 @@ def _student_record(student, images: torch.Tensor) -> TargetResult:
         out = student(images)
     steps, batch = out.logits_t.shape[:2]
     neurons = sum(s[0, 0].numel() for s in out.spikes.values())
-    return TargetResult("student", out.logits_t, out.spikes, {}, neuron_updates=float(neurons * steps * batch))
+    return TargetResult(REFERENCE_STUDENT, out.logits_t, out.spikes, {},
+                        neuron_updates=float(neurons * steps * batch))
 
 
-def resolve_file(path: Path, target: str = "nir") -> tuple[Path, Path | None]:
-    """(the exported file for ``target``, its run directory or None) for a file or a run directory."""
+def resolve_file(path: Path, target: Target) -> tuple[Path, Path | None]:
+    """(the file ``target`` runs, its run directory or None) for a file or a run directory."""
     path = Path(path)
-    name = EXPORTED[target]
     if path.is_dir():
-        candidate = path / "export" / name
+        candidate = exported_file(target, path)
         if not candidate.is_file():
-            raise ConfigError(f"{path} has no export/{name}: run `stars-deploy export --target "
-                              f"{EXPORT_TARGET[target]} {path}` first")
+            raise ConfigError(f"{path} has no export/{candidate.name}: run `stars-deploy export --target "
+                              f"{target.export} {path}` first")
         return candidate, path
     run_dir = path.parent.parent
     return path, run_dir if (run_dir / STUDENT).is_file() else None
-
-
-def resolve_nir_file(path: Path) -> tuple[Path, Path | None]:
-    """(the .nir file, its run directory or None) for a .nir file or a run directory."""
-    return resolve_file(path, "nir")
-
-
-def _sibling(file: Path, target: str) -> Path:
-    """The same export's file for another target (student.nir <-> student.net)."""
-    sibling = file.with_suffix(Path(EXPORTED[target]).suffix)
-    if not sibling.is_file():
-        raise ConfigError(f"--compare {target}: {sibling} does not exist: run `stars-deploy export --target "
-                          f"{EXPORT_TARGET[target]}` first")
-    return sibling
 
 
 def model_inputs(metadata: dict, images: torch.Tensor) -> torch.Tensor:
@@ -79,95 +70,102 @@ def model_inputs(metadata: dict, images: torch.Tensor) -> torch.Tensor:
     return Normalizer(normalization["mean"], normalization["std"])(images) if normalization else images
 
 
-def run_eval_data(run_dir: Path) -> str:
+def run_eval_data(run_dir: Path | None) -> str:
     """The data a run was evaluated on during distillation (its manifest), else the digits."""
-    manifest = Path(run_dir) / MANIFEST
-    if manifest.is_file():
-        eval_data = read_json(manifest, "run manifest").get("config", {}).get("eval_data")
+    if run_dir is not None and (Path(run_dir) / MANIFEST).is_file():
+        eval_data = read_run_config(run_dir).eval_data
         if eval_data:
             return eval_data
-    return "digits"
+    return DEFAULT_DATA
 
 
-def load_target(target: str, file: Path, dt_s: float | None = None, timesteps: int | None = None,
-                device: str = "cpu"):
-    """(run(images) -> TargetResult, metadata, conventions paragraph) for one target's file."""
-    if target == "nir":
-        from .nir_reference import conventions, load_reference
-
-        reference = load_reference(file, dt_s=dt_s, timesteps=timesteps, device=device)
-        return reference.run, reference.metadata, conventions()
-    if target == "loihi":
-        from .loihi import conventions, load_emulator
-
-        emulator = load_emulator(file, device=device)
-        return (lambda images: emulator.run(images, timesteps)), emulator.metadata, conventions()
-    if target == "lava":
-        from .lava_sim import load_lava
-        from .loihi import conventions
-
-        runner = load_lava(file)
-        return (lambda images: runner.run(images, timesteps)), runner.metadata, conventions()
-    raise ConfigError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
-
-
-def simulate(path: Path, target: str = "nir", data: str = "digits", samples: int | None = None,
-             compare: str | None = None, dt_s: float | None = None, timesteps: int | None = None,
-             device: str = "cpu", loihi2_pj_per_op: float | None = None) -> dict:
-    """Run ``target`` on ``data``; metrics in the common summary (targets.record).
-
-    ``compare=None`` compares with the run's student when the file sits in a run directory,
-    with nothing otherwise. Writes RUN_DIR/simulate-<target>.json inside a run."""
-    if target not in TARGETS:
-        raise ConfigError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
-    file, run_dir = resolve_file(path, target)
-    if compare is None:
-        compare = "student" if run_dir is not None else "none"
-    if compare not in COMPARES:
-        raise ConfigError(f"--compare {compare!r}: choose one of {', '.join(COMPARES)}")
-    run, metadata, conventions = load_target(target, file, dt_s, timesteps, device)
-    eval_data = load_eval_data(data).subset(samples)
-    images = model_inputs(metadata, eval_data.images)
-    reference_run = None
-    if compare == "student":
+def _reference_runner(compare: str, target: Target, file: Path, run_dir: Path | None,
+                      options: RunnerOptions) -> Callable | str | None:
+    """What the results are compared with: a function of a batch, "self", or None."""
+    if compare == REFERENCE_STUDENT:
         if run_dir is None:
-            raise ConfigError(f"{file} is not inside a run directory: use --compare none, nir, loihi or lava")
-        from stars_deploy.folding import fold_student
-        from stars_deploy.students import load_student
+            raise ConfigError(f"{file} is not inside a run directory: use --compare none or a target")
+        from stars_deploy.students import fold_student, load_student
 
-        student = fold_student(load_student(run_dir / STUDENT))
-        reference_run = lambda batch: _student_record(student, batch)  # noqa: E731
-    elif compare == target:
-        reference_run = "self"
-    elif compare != "none":
-        reference_run = load_target(compare, _sibling(file, compare), dt_s, timesteps, device)[0]
-    # Lava builds one network per call: give it every sample at once
-    batch_size = len(images) if "lava" in (target, compare) else BATCH
+        student = fold_student(load_student(run_dir / STUDENT)).to(options.device)
+        return lambda batch: _student_record(student, batch.to(options.device))
+    if compare == target.name:
+        return "self"
+    if compare == REFERENCE_NONE:
+        return None
+    other = get_target(compare)
+    return other.load(sibling_file(file, other), options).run
+
+
+def _run_batches(run, reference, images: torch.Tensor, batch_size: int) -> tuple[TargetResult, TargetResult | None]:
     results, references = [], []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         results.append(run(batch).cpu())
-        if reference_run == "self":
+        if reference == "self":
             references.append(results[-1])
-        elif reference_run is not None:
-            references.append(reference_run(batch).cpu())
-    result = concat_results(results)
-    summary = summarize(result, eval_data.labels, concat_results(references) if references else None,
+        elif reference is not None:
+            references.append(reference(batch).cpu())
+    return concat_results(results), concat_results(references) if references else None
+
+
+def simulate(path: Path, target: str = "nir", data: str | None = None, samples: int | None = None,
+             compare: str | None = None, dt_s: float | None = None, timesteps: int | None = None,
+             device: str = "auto", loihi2_pj_per_op: float | None = None) -> dict:
+    """Run ``target`` on ``data`` (default: the run's own evaluation data, else digits); the
+    metrics in the common summary (targets.record). ``compare=None`` compares with the run's
+    student when the file sits in a run directory, with nothing otherwise. Writes
+    RUN_DIR/simulate-<target>.json inside a run."""
+    spec = get_target(target)
+    file, run_dir = resolve_file(path, spec)
+    compare = compare or (REFERENCE_STUDENT if run_dir is not None else REFERENCE_NONE)
+    if compare not in compare_choices(spec):
+        raise ConfigError(f"--compare {compare!r}: choose one of {', '.join(compare_choices(spec))}")
+    options = RunnerOptions(dt_s=dt_s, timesteps=timesteps, device=resolve_device(device))
+    runner = spec.load(file, options)
+    data = data or run_eval_data(run_dir)
+    eval_data = load_eval_data(data).subset(samples)
+    images = model_inputs(runner.metadata, eval_data.images)
+    reference = _reference_runner(compare, spec, file, run_dir, options)
+    compared = [] if compare in (REFERENCE_STUDENT, REFERENCE_NONE) else [get_target(compare)]
+    whole = any(t.whole_batch for t in (spec, *compared))  # Lava builds one network per call: all samples at once
+    result, reference_result = _run_batches(runner.run, reference, images, len(images) if whole else BATCH)
+    summary = summarize(result, eval_data.labels, reference_result, energy=spec.energy,
                         loihi2_pj_per_op=loihi2_pj_per_op)
     summary.update(file=str(file), file_sha256=sha256_file(file), data=eval_data.name, compare=compare,
-                   request={"data": data, "samples": samples, "compare": compare, "dt_s": dt_s,
-                            "timesteps": timesteps, "loihi2_pj_per_op": loihi2_pj_per_op},
-                   conventions=conventions, latency_note=LATENCY_NOTES[target])
-    summary.setdefault("reference", None)
-    for key in ("reference_accuracy", "agreement", "spike_mismatches"):
+                   request=simulation_request(data, samples, compare, dt_s, timesteps, loihi2_pj_per_op),
+                   conventions=spec.conventions,
+                   latency_note=spec.latency_note)
+    for key in ("reference", "reference_accuracy", "agreement", "spike_mismatches"):
         summary.setdefault(key, None)
     if run_dir is not None:
-        write_json(run_dir / f"simulate-{target}.json", summary)
-    log(f"{target}: {summary['accuracy']:.1%} on {eval_data.name}")
+        write_json(simulation_file(run_dir, spec.name), summary)
+    log(f"{spec.name}: {summary['accuracy']:.1%} on {eval_data.name}")
     return summary
 
 
-def simulate_nir(path: Path, data: str = "digits", samples: int | None = None, compare: str | None = None,
-                 dt_s: float | None = None, timesteps: int | None = None, device: str = "cpu") -> dict:
-    """:func:`simulate` with ``target="nir"`` (the float NIR reference)."""
-    return simulate(path, "nir", data, samples, compare, dt_s, timesteps, device)
+def collect_results(run_dir: Path, data: str | None = None, samples: int | None = None,
+                    device: str = "auto") -> dict[str, dict]:
+    """Every target's summary for a run: its stored simulate-<target>.json, else a fresh
+    simulation of each exported target whose record says ``report_simulates``."""
+    summaries = {}
+    for name, spec in targets().items():
+        stored = simulation_file(run_dir, name)
+        if stored.is_file():
+            summaries[name] = read_json(stored, "simulation result")
+        elif spec.report_simulates and exported_file(spec, run_dir).is_file():
+            summaries[name] = simulate(run_dir, name, data, samples, compare=REFERENCE_STUDENT, device=device)
+    return summaries
+
+
+def raster_sample(run_dir: Path, summaries: dict[str, dict], device: str = "auto") -> tuple[str | None, dict]:
+    """(target, its spikes per layer for one sample) on the first simulated target that
+    ``report`` may run (the deployed one first: the registry's order, fixed point before float)."""
+    runnable = [name for name, spec in targets().items() if name in summaries and spec.report_simulates]
+    if not runnable:
+        return None, {}
+    name = sorted(runnable, key=lambda n: targets()[n].export == "nir")[0]
+    spec = targets()[name]
+    runner = spec.load(exported_file(spec, run_dir), RunnerOptions(device=resolve_device(device)))
+    data = load_eval_data(summaries[name].get("request", {}).get("data") or run_eval_data(run_dir)).subset(1)
+    return name, runner.run(model_inputs(runner.metadata, data.images)).cpu().spikes

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stars_deploy.teacher_training import CACHE_ENV, train_digits_teacher
+from stars_deploy.teachers.training import CACHE_ENV, train_digits_teacher
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def randomize_batchnorm(model: torch.nn.Module, generator_seed: int = 0) -> torc
 def random_student():
     """factory(family, tau_syn_steps=None, timesteps=6) -> an eval-mode student with random
     weights and random BatchNorm statistics (width 8, depth 3 / 8)."""
-    from stars_deploy.neurons import LIFConfig
+    from stars_deploy.students.neurons import LIFConfig
     from stars_deploy.students import StudentConfig, build_student
 
     def make(family: str = "convnet", tau_syn_steps: float | None = None, timesteps: int = 6):
@@ -64,3 +64,23 @@ def random_student():
 def randomize_bn():
     """The function randomize_batchnorm (tests never import each other)."""
     return randomize_batchnorm
+
+
+@pytest.fixture
+def digits_run_dir(random_student):
+    """factory(folder, family="convnet") -> a finished-looking run directory for the digits
+    teacher: a manifest and a random-weight student with random BatchNorm statistics."""
+    from stars_deploy.distill import DistillConfig
+    from stars_deploy.fileio import write_json
+    from stars_deploy.layout import MANIFEST, STUDENT
+    from stars_deploy.runs import RUN_FORMAT
+    from stars_deploy.students import save_student
+
+    def make(folder, family: str = "convnet"):
+        student = random_student(family, timesteps=4)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = DistillConfig(student=student.config, rounds=1)
+        write_json(folder / MANIFEST, {"format": RUN_FORMAT, "config": config.to_dict()})
+        save_student(folder / STUDENT, student)
+        return folder
+    return make

@@ -11,9 +11,10 @@ import pytest
 
 from stars_deploy.distill import DistillConfig
 from stars_deploy.errors import ConfigError
-from stars_deploy.exporters.run_export import export_run
+from stars_deploy.exporters.registry import export_run
 from stars_deploy.fileio import write_json
-from stars_deploy.runs import MANIFEST, RUN_FORMAT, STUDENT
+from stars_deploy.layout import MANIFEST, STUDENT
+from stars_deploy.runs import RUN_FORMAT
 from stars_deploy.students import StudentConfig, save_student
 from stars_deploy.targets.check import check
 from stars_deploy.targets.gates import GATES, load_check_config
@@ -87,7 +88,7 @@ def test_a_changed_export_is_simulated_again(run_dir, measured):
 
 def test_config_file_limits_per_target_tables_and_option_precedence(run_dir, measured, tmp_path):
     (tmp_path / "stars-deploy.toml").write_text(
-        f"[check]\nmin-accuracy = 1.1\nsamples = {SAMPLES}\ntarget = 'loihi'\n"
+        f"[check]\nmin-accuracy = 1.0\nsamples = {SAMPLES}\ntarget = 'loihi'\n"
         f"[check.loihi]\nmax_latency_steps = {measured['latency_steps']}\n")
     result = check(run_dir, config_directory=tmp_path)
     assert [row["gate"] for row in result["gates"]] == ["min-accuracy", "max-latency-steps"]

@@ -34,7 +34,7 @@ CASES = {
     "other architecture": (["--teacher", "cifar_resnet20", "--weights", "{d}/resnet32.pt"],
                            "resnet32.pt does not fit CifarResNet: missing keys: none; unexpected keys: layer1.3"),
     "truncated": (["--teacher", "cifar_resnet20", "--weights", "{d}/truncated.pt"], "truncated.pt: the file is truncated"),
-    "unknown student": (["--student", "transformer"], "unknown student 'transformer'"),
+    "unknown student": (["--student", "transformer"], "'transformer' is not one of 'convnet', 'resnet'"),
     "negative budget": (["--budget-s", "-5"], "--budget-s must be a positive number of seconds, got -5.0"),
     "eval data size": (["--eval-data", "{d}/cifar.npz"], "cifar.npz has images of shape (3, 32, 32)"),
 }

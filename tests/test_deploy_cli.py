@@ -12,7 +12,8 @@ import pytest
 from stars_deploy.cli import main
 from stars_deploy.distill import DistillConfig
 from stars_deploy.fileio import write_json
-from stars_deploy.runs import MANIFEST, RUN_FORMAT, STUDENT, sha256_file
+from stars_deploy.layout import MANIFEST, STUDENT
+from stars_deploy.runs import RUN_FORMAT, sha256_file
 from stars_deploy.students import save_student
 
 REQUIRED_KEYS = {"target", "samples", "accuracy", "reference_accuracy", "agreement", "spike_mismatches",

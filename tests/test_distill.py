@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 
-from stars_deploy.distill import DistillConfig, make_config, train_augment
+from stars_deploy import vocabulary
+from stars_deploy.distill import DistillConfig, make_config
+from stars_deploy.distill.augment import train_augment
 from stars_deploy.errors import ConfigError
 from stars_deploy.teachers import TeacherSpec
 
@@ -36,7 +38,7 @@ def test_short_distill_beats_chance_by_far_and_prints_one_json_object(tmp_path, 
     assert 0 < summary["wall_time_s"] and 0 <= summary["agreement"] <= 1
     run_dir = tmp_path / os.path.basename(summary["run_dir"])
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["dt_s"] == 1e-3 and manifest["reset"] == "zero"
+    assert manifest["status"] == "complete" and manifest["dt_s"] == 1e-3 and manifest["reset"] == vocabulary.RESET
     history = json.loads((run_dir / "distill.json").read_text())["history"]
     assert [h["round"] for h in history] == list(range(1, 21))
     assert [h["round"] for h in history if "student_accuracy" in h] == [5, 10, 15, 20]

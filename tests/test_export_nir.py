@@ -11,7 +11,7 @@ import torch
 
 from stars_deploy.exporters.nir_export import student_to_nir
 from stars_deploy.exporters.nir_format import NIR_FORMAT, decode_metadata, nir_bytes, read_nir, write_nir
-from stars_deploy.folding import fold_conv_bn, fold_student
+from stars_deploy.students.folding import fold_conv_bn, fold_student
 
 rng = np.random.default_rng(0)
 

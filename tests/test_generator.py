@@ -6,8 +6,8 @@ import torch
 
 from stars_deploy.distill import make_config
 from stars_deploy.errors import ConfigError
-from stars_deploy.generator import GENERATOR_STEPS, GENERATOR_Z_LR, Generator, GeneratorSynthesizer
-from stars_deploy.synthesis import SynthesisConfig
+from stars_deploy.distill.generator import GENERATOR_STEPS, GENERATOR_Z_LR, Generator, GeneratorSynthesizer
+from stars_deploy.distill.synthesis import SynthesisConfig
 from stars_deploy.teachers import ARCHITECTURES, Normalizer
 
 

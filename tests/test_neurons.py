@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stars_deploy.errors import ConfigError
-from stars_deploy.neurons import LIFConfig, LIFSequence, resolve_lif_kernel, set_lif_kernel
+from stars_deploy.students.neurons import LIFConfig, LIFSequence, resolve_lif_kernel, set_lif_kernel
 
 
 def run(config: LIFConfig, inputs: list[float]):

@@ -12,7 +12,7 @@ import torch
 from stars_deploy.data import load_digits_split
 from stars_deploy.exporters.nir_export import student_to_nir
 from stars_deploy.exporters.nir_format import NIRFormatError, decode_metadata, write_nir
-from stars_deploy.folding import fold_student
+from stars_deploy.students.folding import fold_student
 from stars_deploy.targets.nir_reference import NIRReference, conventions, load_reference
 from stars_deploy.targets.record import TargetResult, spike_mismatches, summarize
 

@@ -8,7 +8,7 @@ import onnxruntime
 import torch
 
 from stars_deploy.exporters.onnx_export import student_onnx_bytes, teacher_onnx_bytes
-from stars_deploy.folding import fold_student
+from stars_deploy.students.folding import fold_student
 from stars_deploy.teachers import Normalizer, TeacherSpec, build_teacher
 
 ONNX_TOLERANCE = 1e-5

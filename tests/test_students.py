@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stars_deploy.errors import CheckpointError, ConfigError
-from stars_deploy.neurons import LIFConfig, set_lif_kernel
+from stars_deploy.students.neurons import LIFConfig, set_lif_kernel
 from stars_deploy.students import (StudentConfig, build_student, convnet_layout, load_student,
                                    save_student)
 

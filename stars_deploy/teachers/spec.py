@@ -1,9 +1,7 @@
-"""Teacher ANNs: an architecture registry, input normalisation and safe checkpoint loading.
+"""Teacher specs: the architecture registry, input normalisation and safe checkpoint loading.
 
 A teacher is described by a :class:`TeacherSpec` (architecture, checkpoint, normalisation,
-input shape, class names). Every architecture exposes ``penultimate(x)`` (the globally
-average-pooled features that RCA compares, B x d) and ``head`` (the classifier), with
-``forward(x) == head(penultimate(x))``.
+input shape, class names), stored in every run manifest; :func:`load_teacher` rebuilds it.
 """
 
 from __future__ import annotations
@@ -13,11 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
-from .fileio import load_torch
+from stars_deploy.errors import ConfigError
+from stars_deploy.fileio import fit_state_dict, load_torch
+
+from .models import CIFAR10_CLASSES, DIGITS_CLASSES, CifarResNet, DigitsCNN
 
 # Per-channel (mean, std) of pixels in [0, 1]; the teacher saw (x - mean) / std in training.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -28,88 +27,6 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "digits": ((0.3053,), (0.3760,)),
     "none": ((0.0,), (1.0,)),
 }
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
-DIGITS_CLASSES = tuple(str(d) for d in range(10))
-
-
-class DigitsCNN(nn.Module):
-    """A small BatchNorm CNN for 1x8x8 digits: three conv-BN-ReLU layers, GAP, linear."""
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(2 * width)
-        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(2 * width)
-        self.head = nn.Linear(2 * width, num_classes)
-
-    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = F.relu(self.bn3(self.conv3(x)))
-        return x.mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.penultimate(x))
-
-
-class _BasicBlock(nn.Module):
-    """He et al. 2016 CIFAR block, "option A" shortcut: subsample and zero-pad channels."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.pad_channels = (planes - in_planes) // 2 if stride != 1 or in_planes != planes else 0
-        self.downsample = stride != 1 or in_planes != planes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x
-        if self.downsample:
-            shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad_channels, self.pad_channels))
-        return F.relu(out + shortcut)
-
-
-class CifarResNet(nn.Module):
-    """CIFAR ResNet (depth 6n+2), key layout of akamaster/pytorch_resnet_cifar10; head = ``linear``."""
-
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
-        super().__init__()
-        if (depth - 2) % 6:
-            raise ConfigError(f"CIFAR ResNet depth {depth} is not 6n+2 (20, 32, 44, 56, 110)")
-        blocks = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        stages, in_planes = [], 16
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            layers = []
-            for index in range(blocks):
-                layers.append(_BasicBlock(in_planes, planes, stride if index == 0 else 1))
-                in_planes = planes
-            stages.append(nn.Sequential(*layers))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.linear = nn.Linear(64, num_classes)
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.linear
-
-    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return x.mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.penultimate(x))
-
 
 @dataclass(frozen=True)
 class Architecture:
@@ -208,35 +125,6 @@ class Normalizer(nn.Module):
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised values of pixel 0 and pixel 1, shape (C, 1, 1)."""
         return -self.mean / self.std, (1 - self.mean) / self.std
-
-
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if state and all(key.startswith("module.") for key in state):
-        return {key[len("module."):]: value for key, value in state.items()}
-    return state
-
-
-def fit_state_dict(model: nn.Module, state: dict, source: str) -> None:
-    """Load ``state`` into ``model`` strictly, tolerating a ``module.`` prefix and missing
-    ``num_batches_tracked``; otherwise raise one CheckpointError listing every problem."""
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{source} holds no state_dict of tensors")
-    state = _strip_prefix(state)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or misshaped:
-        def show(items):
-            return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "") or "none"
-        raise CheckpointError(
-            f"{source} does not fit {type(model).__name__}: missing keys: {show(missing)}; "
-            f"unexpected keys: {show(unexpected)}; mis-shaped keys: {show(misshaped)}. "
-            "Check --teacher/--num-classes against the checkpoint")
-    model.load_state_dict(state, strict=False)
 
 
 def build_teacher(spec: TeacherSpec) -> nn.Module:

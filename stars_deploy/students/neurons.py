@@ -23,7 +23,7 @@ import torch
 from norse.torch import LIFBoxCell, LIFBoxParameters, LIFCell, LIFParameters
 from torch import nn
 
-from .errors import ConfigError
+from stars_deploy.errors import ConfigError
 
 DEFAULT_DT_S = 1e-3
 SURROGATES = ("super", "triangle", "tanh", "circ", "heavi_erfc")

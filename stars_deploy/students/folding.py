@@ -21,7 +21,10 @@ import copy
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from stars_deploy.errors import ConfigError
+
+from .base import student_family
+from .layers import SpikingConv
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +41,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, tor
     return folded_weight.float().contiguous(), folded_bias.float().contiguous()
 
 
-def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """One biased convolution equal to ``bn(conv(x))`` in eval mode (float32, rounded once)."""
     weight, bias = fold_conv_bn(conv, bn)
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True)
@@ -48,19 +52,20 @@ def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
+def fold_spiking_convs(student: nn.Module) -> None:
+    """Fold every :class:`SpikingConv` (conv -> BatchNorm -> LIF) of ``student`` in place: the
+    part of BatchNorm folding that every family shares."""
+    for module in student.modules():
+        if isinstance(module, SpikingConv) and not isinstance(module.bn, nn.Identity):
+            module.conv, module.bn = folded_conv(module.conv, module.bn), nn.Identity()
+
+
 def fold_student(student: nn.Module) -> nn.Module:
     """A copy of ``student`` (eval mode, CPU) with every conv->BatchNorm pair folded into one
-    biased convolution and the BatchNorm replaced by identity. The original is not touched."""
-    from .students import SpikingBasicBlock, SpikingConv
-
+    biased convolution and the BatchNorm replaced by identity, as its family says
+    (``StudentFamily.fold``). The original is not touched."""
     folded = copy.deepcopy(student).cpu().eval()
-    for module in folded.modules():
-        if isinstance(module, SpikingConv):
-            module.conv, module.bn = _folded_conv(module.conv, module.bn), nn.Identity()
-        if isinstance(module, SpikingBasicBlock):
-            module.conv2, module.bn2 = _folded_conv(module.conv2, module.bn2), nn.Identity()
-            if isinstance(module.shortcut, nn.Sequential):
-                module.shortcut = nn.Sequential(_folded_conv(module.shortcut[0], module.shortcut[1]), nn.Identity())
+    student_family(folded.config.family).fold(folded)
     remaining = [name for name, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if remaining:
         raise ConfigError(f"BatchNorm layers left unfolded: {', '.join(remaining)}")

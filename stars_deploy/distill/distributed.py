@@ -53,8 +53,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError, StarsDeployError
-from .progress import set_quiet
+from stars_deploy.errors import ConfigError, StarsDeployError
+from stars_deploy.progress import set_quiet
 
 TIMEOUT_ENV = "STARS_DEPLOY_DIST_TIMEOUT_S"
 # Longer than anything one rank does while the others wait for it: rank 0's evaluation and

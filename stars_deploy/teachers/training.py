@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import load_digits_split
-from .evaluation import accuracy, predict, teacher_logits_fn
-from .fileio import save_torch
-from .progress import log
-from .teachers import Normalizer, TeacherSpec, build_teacher
+from stars_deploy.data import load_digits_split
+from stars_deploy.evaluation import accuracy, predict, teacher_logits_fn
+from stars_deploy.fileio import save_torch
+from stars_deploy.progress import log
+from .spec import Normalizer, TeacherSpec, build_teacher
 
 CACHE_ENV = "STARS_DEPLOY_CACHE"
 DIGITS_TEACHER_FILE = "digits_cnn.pt"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-from .fileio import load_torch, save_torch
+from stars_deploy.errors import CheckpointError
+from stars_deploy.fileio import load_torch, save_torch
 
 DISK_CACHE_CHUNKS = 4  # spilled chunks kept decoded in memory for sampling
 BYTES_PER_MB = 2**20

@@ -23,7 +23,7 @@ import copy
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from stars_deploy.errors import ConfigError
 from .synthesis import Synthesizer
 
 GENERATOR_STEPS = 5  # inner steps per batch when the user gives none (FastDFKD uses 2-10)

@@ -1,4 +1,4 @@
-r"""The synthesis and student objectives of docs/METHOD.md, as pure functions of tensors.
+r"""The synthesis and student objectives of docs/METHOD.md (in this repository), as pure functions of tensors.
 
 Synthesis:  L_syn = l_bn L_BN + l_ce L_CE + l_adv L_ADV + l_tv L_TV + l_l2 L_L2
                     + l_rca L_RCA + l_tar L_TAR

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import check_fits, load_eval_data
-from .distill import resolve_device
-from .evaluation import accuracy, predict, teacher_logits_fn
-from .teacher_training import ensure_default_teacher
-from .teachers import Normalizer, TeacherSpec, load_teacher
+from stars_deploy.data import check_fits, load_eval_data
+from stars_deploy.devices import resolve_device
+from stars_deploy.evaluation import accuracy, predict, teacher_logits_fn
+from .training import ensure_default_teacher
+from .spec import Normalizer, TeacherSpec, load_teacher
 
 
 def evaluate_teacher(spec: TeacherSpec, data: str = "digits", samples: int | None = None,

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from stars_deploy.errors import ConfigError
 from .objectives import RCA_VARIANTS, TeacherProbe, adversarial_loss, rca_loss, total_variation
-from .teachers import Normalizer, batchnorm_layers
+from stars_deploy.teachers import Normalizer, batchnorm_layers
 
 
 SYNTHESIS_METHODS = ("pixel", "generator")

@@ -1,0 +1,116 @@
+"""``stars-deploy export`` and ``stars-deploy simulate``: parse options, call one library function.
+
+The targets and export kinds come from their registries (exporters/registry.py,
+targets/registry.py): nothing here names one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stars_deploy.exporters.registry import EXPORTS, export_kind
+from stars_deploy.targets.registry import compare_choices, target_names, targets
+from stars_deploy.units import percent
+
+from .common import (LazyChoice, TopicCommand, device_option, emit, option, output_options, quiet_if,
+                     run_dir_or_latest, runs_dir_option, table)
+
+
+def _export_help() -> str:
+    return "; ".join(f"{name}: {kind.summary}" for name, kind in EXPORTS.items())
+
+
+@click.command(cls=TopicCommand)
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path, exists=True))
+@option("--target", type=LazyChoice(lambda: list(EXPORTS)), default="nir", topic="Export",
+        help=f"What to export. {_export_help()}.")
+@option("--teacher", "with_teacher", is_flag=True, topic="Export", show_default=False,
+        help="ONNX only: export the teacher too.")
+@option("--dt-s", type=float, default=None, topic="Foreign files", show_default="the file's dt_s",
+        help="Loihi: integration step in seconds, for .nir files without dt_s metadata.")
+@option("--timesteps", "-T", type=click.IntRange(min=1), default=None, topic="Foreign files",
+        show_default="the file's", help="Loihi: steps per sample, for .nir files without it.")
+@runs_dir_option
+@output_options
+def export(run_dir, target, with_teacher, dt_s, timesteps, runs_dir, as_json, quiet):
+    """Export a run's student (default: the latest run) to RUN_DIR/export/ and print its layers.
+
+    With --target loihi, RUN_DIR may also be any .nir file (written beside it as FILE.net)."""
+    from stars_deploy.exporters.registry import export_run
+
+    quiet_if(quiet)
+    payload = export_run(run_dir_or_latest(run_dir, runs_dir), target, teacher=with_teacher, dt_s=dt_s,
+                         timesteps=timesteps)
+    if as_json:
+        emit(payload, True, [])
+        return
+    header = ("layer", "type", "input", "output", "params", "kernel/stride")
+    rows = [(row["name"], row["type"], "x".join(map(str, row["input_shape"] or [])),
+             "x".join(map(str, row["output_shape"] or [])), f"{row['parameters']:,}",
+             f"{row['kernel']}/{row['stride']}" if "kernel" in row else "") for row in payload["layers"]]
+    table(header, rows)
+    for line in export_kind(target).report_lines(payload):
+        click.echo(line)
+    for name, info in payload["files"].items():
+        click.echo(f"{name}: {info['bytes']:,} bytes, sha256 {info['sha256'][:16]}...")
+    where = Path(payload["run_dir"]) / "export" if "run_dir" in payload else Path(payload["source"]).parent
+    click.echo(f"parameters: {payload['parameters']:,}; written to {where}")
+
+
+def _target_help() -> str:
+    return "; ".join(f"{name}: {spec.summary}" for name, spec in targets().items())
+
+
+def _all_compares() -> list[str]:
+    names = []
+    for spec in targets().values():
+        names += [name for name in compare_choices(spec) if name not in names]
+    return names
+
+
+@click.command(cls=TopicCommand)
+@click.argument("path", required=False, type=click.Path(path_type=Path, exists=True))
+@option("--target", type=LazyChoice(target_names), default="nir", topic="Target", help=f"{_target_help()}.")
+@option("--data", default=None, topic="Evaluation", show_default="the run's evaluation data, else digits",
+        help="digits, a .npz file or a CIFAR folder.")
+@option("--samples", type=click.IntRange(min=1), default=None, topic="Evaluation", show_default="all",
+        help="Only the first N images.")
+@option("--compare", type=LazyChoice(_all_compares), default=None, topic="Evaluation",
+        show_default="student inside a run, else none",
+        help="What to compare with: the run's folded student, another target on the same export, or none.")
+@option("--dt-s", type=float, default=None, topic="Foreign files", show_default="the file's dt_s",
+        help="Integration step in seconds, for files without dt_s metadata.")
+@option("--timesteps", "-T", type=click.IntRange(min=1), default=None, topic="Foreign files",
+        show_default="the file's", help="Steps per sample, for files without metadata.")
+@device_option()
+@option("--loihi2-pj-per-op", type=float, default=None, topic="Energy", show_default="none: no Loihi 2 estimate",
+        help="Energy per synaptic op or neuron update on Loihi 2, in pJ (no primary figure is published).")
+@runs_dir_option
+@output_options
+def simulate(path, target, data, samples, compare, dt_s, timesteps, device, loihi2_pj_per_op, runs_dir, as_json,
+             quiet):
+    """Run an exported file (PATH: a .nir/.net file or a run directory; default: the latest run)."""
+    from stars_deploy.targets.simulate import simulate as run_simulation
+
+    quiet_if(quiet)
+    summary = run_simulation(run_dir_or_latest(path, runs_dir), target, data, samples, compare, dt_s=dt_s,
+                             timesteps=timesteps, device=device, loihi2_pj_per_op=loihi2_pj_per_op)
+    energy = summary["energy_per_sample"] or {}
+    rows = [("target", summary["target"]), ("samples", str(summary["samples"])),
+            ("accuracy", percent(summary["accuracy"])),
+            (f"{summary['compare']} accuracy", percent(summary["reference_accuracy"])),
+            ("agreement", percent(summary["agreement"])),
+            ("spike mismatches", "n/a" if summary["spike_mismatches"] is None else str(summary["spike_mismatches"])),
+            ("spikes / sample", f"{summary['spikes_per_sample']:.1f}"),
+            ("synops / sample", f"{summary['synops_per_sample']:,.0f}"),
+            ("latency", f"{summary['latency_steps']} steps (pipeline delay {summary['pipeline_delay_steps']})"),
+            ("stable decision", f"step {summary['stable_decision_step_mean']:.2f} on average"),
+            ("neuron updates / sample", f"{summary['neuron_updates_per_sample']:,.0f}")]
+    if energy.get("loihi1_j") is not None:
+        rows.append(("energy / sample (Loihi 1)", f"{energy['loihi1_j'] * 1e9:.2f} nJ"))
+    if energy.get("loihi2_j") is not None:
+        rows.append(("energy / sample (Loihi 2)", f"{energy['loihi2_j'] * 1e9:.2f} nJ"))
+    rows += [(f"  spikes {name}", f"{value:.1f}") for name, value in summary["spikes_per_layer"].items()]
+    emit(summary, as_json, rows)

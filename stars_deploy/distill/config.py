@@ -1,0 +1,151 @@
+"""The distillation configuration: every setting of a run, stored in its manifest.
+
+:class:`DistillConfig` is the complete, validated configuration (teacher, student,
+synthesis, KD, budget, evaluation, device); :func:`make_config` builds one from an
+objective shorthand plus explicit overrides, which is what the CLI's options and a
+pipeline's ``[distill]`` table go through (options.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from stars_deploy.devices import DEVICE_CHOICES
+from stars_deploy.errors import ConfigError
+from stars_deploy.fileio import read_json
+from stars_deploy.layout import MANIFEST
+from stars_deploy.students import StudentConfig
+from stars_deploy.students.neurons import LIF_KERNELS, LIFConfig
+from stars_deploy.teachers import TeacherSpec
+
+from .generator import GENERATOR_STEPS, GENERATOR_Z_LR
+from .synthesis import SynthesisConfig
+
+DEFAULT_BUDGET_S = 90.0  # seconds of distillation when neither rounds nor a budget is given
+# Objective shorthands: the STARS weights each one switches on (explicit options override).
+# Measured on the digits default (25 rounds, seed 0): l_rca 10 / b_rca 1 cost 7 points against
+# l_rca 1 / b_rca 0.1; TAR terms are ~1e-3 per layer, so l_tar 1 does nothing and 100 measured best.
+DEFAULT_L_RCA = 1.0
+DEFAULT_B_RCA = 0.1
+DEFAULT_L_TAR = 100.0
+OBJECTIVES = {
+    "host": {"l_rca": 0.0, "l_tar": 0.0, "b_rca": 0.0},
+    "rca": {"l_rca": DEFAULT_L_RCA, "l_tar": 0.0, "b_rca": DEFAULT_B_RCA},
+    "tar": {"l_rca": 0.0, "l_tar": DEFAULT_L_TAR, "b_rca": 0.0},
+    "stars": {"l_rca": DEFAULT_L_RCA, "l_tar": DEFAULT_L_TAR, "b_rca": DEFAULT_B_RCA},
+}
+KD_MODES = ("mean", "per_step")
+HOSTS = ("deepinversion", "adi")  # pixel optimisation, without / with the competition term
+DEFAULT_L_ADV = 1.0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    objective: str = "host"
+    rounds: int | None = None
+    budget_s: float | None = DEFAULT_BUDGET_S
+    kd_steps: int = 10
+    kd_batch_size: int = 128
+    kd_lr: float = 2e-3
+    kd_temperature: float = 20.0
+    kd_mode: str = "mean"
+    b_rca: float = 0.0
+    seed: int = 0
+    eval_data: str | None = "digits"
+    eval_every: int = 10
+    checkpoint_every: int = 5
+    pool_memory_mb: float = 1024.0
+    device: str = "auto"
+    lif_kernel: str = "auto"  # norse, fused, compiled; auto: compiled on CUDA, norse on the CPU (neurons.py)
+    channels_last: bool = False  # NHWC memory layout for the teacher's and the student's convolutions
+
+    def __post_init__(self):
+        if self.rounds is None and self.budget_s is None:
+            raise ConfigError("give a budget: --rounds N and/or --budget-s SECONDS")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise ConfigError(f"--budget-s must be a positive number of seconds, got {self.budget_s}")
+        for name in ("kd_steps", "kd_batch_size", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.kd_lr <= 0 or self.kd_temperature <= 0 or self.b_rca < 0 or self.pool_memory_mb <= 0:
+            raise ConfigError("--kd-lr, --kd-temperature and --pool-memory-mb must be positive, --b-rca >= 0")
+        if self.lif_kernel not in LIF_KERNELS:
+            raise ConfigError(f"--lif-kernel {self.lif_kernel!r}: choose one of {', '.join(LIF_KERNELS)}")
+        if self.kd_mode not in KD_MODES:
+            raise ConfigError(f"--kd-mode {self.kd_mode!r}: choose one of {', '.join(KD_MODES)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if self.device not in DEVICE_CHOICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.student.input_shape != self.teacher.input_shape or self.student.num_classes != self.teacher.num_classes:
+            raise ConfigError("the student's input shape and classes must match the teacher's")
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["teacher"]["class_names"] = list(self.teacher.class_names)
+        values["student"] = self.student.to_dict()
+        values["synthesis"] = self.synthesis.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DistillConfig":
+        values = dict(values)
+        teacher = dict(values.pop("teacher"))
+        teacher["class_names"] = tuple(teacher.get("class_names", ()))
+        synthesis = dict(values.pop("synthesis"))
+        synthesis["tar_ks"] = tuple(synthesis["tar_ks"])
+        return cls(teacher=TeacherSpec(**teacher), student=StudentConfig.from_dict(values.pop("student")),
+                   synthesis=SynthesisConfig(**synthesis), **values)
+
+
+def make_config(objective: str = "host", teacher: TeacherSpec | None = None, student: dict | None = None,
+                synthesis: dict | None = None, host: str = "deepinversion", lif: dict | None = None,
+                eval_data: str | None = "auto", **options) -> DistillConfig:
+    """A DistillConfig from an objective shorthand plus explicit overrides.
+
+    ``student`` holds StudentConfig fields (input shape and classes come from the teacher),
+    ``lif`` LIFConfig fields, ``synthesis`` SynthesisConfig fields. An explicit
+    ``l_rca``/``l_tar`` (in synthesis) or ``b_rca`` overrides what the objective switches on;
+    ``host="adi"`` switches the competition term on (l_adv = DEFAULT_L_ADV) unless given.
+    ``eval_data="auto"`` evaluates on the held-out digits for the digits teacher and on
+    nothing otherwise; None never evaluates. The generator host (``synthesis={"method":
+    "generator"}``) takes GENERATOR_STEPS steps per batch unless ``steps`` is given.
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if host not in HOSTS:
+        raise ConfigError(f"--host {host!r}: choose one of {', '.join(HOSTS)}")
+    teacher = teacher or TeacherSpec()
+    weights = dict(OBJECTIVES[objective])
+    synthesis = {key: value for key, value in (synthesis or {}).items() if value is not None}
+    if host == "adi":
+        synthesis.setdefault("l_adv", DEFAULT_L_ADV)
+    if synthesis.get("method") == "generator":
+        synthesis.setdefault("steps", GENERATOR_STEPS)
+        synthesis.setdefault("lr", GENERATOR_Z_LR)
+    student = {key: value for key, value in (student or {}).items() if value is not None}
+    lif = {key: value for key, value in (lif or {}).items() if value is not None}
+    if lif:
+        student["lif"] = LIFConfig(**lif)
+    weights.update({k: synthesis.pop(k) for k in ("l_rca", "l_tar") if k in synthesis})
+    if options.get("b_rca") is not None:
+        weights["b_rca"] = options.pop("b_rca")
+    options.pop("b_rca", None)
+    student_config = StudentConfig(input_shape=teacher.input_shape, num_classes=teacher.num_classes, **student)
+    synthesis_config = SynthesisConfig(l_rca=weights["l_rca"], l_tar=weights["l_tar"], **synthesis)
+    if eval_data == "auto":
+        eval_data = "digits" if teacher.arch == "digits_cnn" else None
+    return DistillConfig(teacher=teacher, student=student_config, synthesis=synthesis_config,
+                         objective=objective, b_rca=weights["b_rca"], eval_data=eval_data,
+                         **{k: v for k, v in options.items() if v is not None or k in ("rounds", "budget_s")})
+
+
+def read_run_config(run_dir: Path) -> DistillConfig:
+    """The configuration a run was distilled with (its manifest)."""
+    return DistillConfig.from_dict(read_json(Path(run_dir) / MANIFEST, "run manifest")["config"])
