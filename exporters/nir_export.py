@@ -81,7 +81,10 @@ class _GraphBuilder:
 
     def flatten(self, name: str, source: str) -> str:
         shape = self.shapes[source]
-        node = nir.Flatten(input_type={"input": np.array(shape)}, start_dim=0, end_dim=-1)
+        # start_dim counted from the end (-3 for (C, H, W)): the same flattening in NIR's
+        # batch-free shapes, and the batch-keeping one for readers that hand start_dim to
+        # torch.nn.Flatten on (B, C, H, W) as it stands (Norse, snnTorch, nirtorch's default)
+        node = nir.Flatten(input_type={"input": np.array(shape)}, start_dim=-len(shape), end_dim=-1)
         return self.add(name, node, (int(np.prod(shape)),), [source])
 
     def affine(self, name: str, linear: nn.Linear, source: str) -> str:
