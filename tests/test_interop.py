@@ -1,8 +1,9 @@
 """Our NIR file read by other tools' own importers (issue 17), compared with our reference.
 
-A random-weight convnet student (random BatchNorm statistics, BatchNorm gains x3 so that
-every layer spikes: 7-21 % of the neurons per step) is exported with student_to_nir and
-write_nir; SAMPLES held-out digits (normalised) go through our float reference executor
+Random-weight students (random BatchNorm statistics, BatchNorm gains x3 so that every layer
+spikes) are exported with student_to_nir and write_nir: the convnet (LIF), the spiking ResNet
+(LIF, average pool, residual merges) and the convnet with CUBA neurons (CubaLIF). SAMPLES
+held-out digits (normalised) go through our float reference executor
 (targets/nir_reference.NIRReference) and through each reader in its own virtual environment
 (tools/interop/setup.sh builds them under .venv-interop/<reader>/), one subprocess per case
 running tools/interop/run_<reader>.py on the whole batch at once.
@@ -11,7 +12,7 @@ A case is exact when every spike of every layer equals ours (where the reader ex
 the exact ones must) and every logit at every step is within LOGIT_ATOL of ours; agreement is
 the share of samples whose prediction (argmax of the mean logits over T) equals ours.
 
-CLAIMS below is what the README's table says. A case claimed exact (as released, or with a
+CASES below is what the README's table says. A case claimed exact (as released, or with a
 stated reader-side setting) fails when it is not; in CI (CI=true) it also fails when its venv
 is missing, so CI proves it (`make test` builds the norse and snntorch venvs). A case claimed
 not exact is skipped without its venv, and fails if it becomes exact or fails differently
@@ -54,6 +55,7 @@ class Case:
     id: str
     reader: str
     args: tuple = ()
+    student: str = "convnet"  # a key of STUDENTS
     claim: str = "not exact"  # "exact" | "exact with setting" | "not exact"
     setting: str = ""
     reason: str = ""  # why not exact, for the table
@@ -87,35 +89,64 @@ CASES = [
          reason="from_nir maps no Conv2d, Flatten or pooling node, and its LIF branch reads node.tau_mem, "
                 "which nir.LIF does not have: no conv student (nor a dense LIF one) can be imported"),
 ]
+CASES += [
+    Case("norse resnet", "norse", student="resnet", fails_with="mat1 and mat2 shapes cannot be multiplied",
+         reason="from_nir has no AvgPool2d mapping (the node is dropped) and nirtorch.load's graph "
+                "executor feeds a merge node only its first input (\"Multiple input nodes found\"), so "
+                "residual blocks lose their shortcut"),
+    Case("snntorch resnet", "snntorch", student="resnet", claim="exact with setting", setting="dt = dt_s (as above)"),
+    Case("norse convnet-cuba", "norse", student="convnet-cuba",
+         setting="from_nir(graph, dt=dt_s)",
+         reason="from_nir reads CubaLIF by NIR's continuous definition, i += dt/tau_syn (w_in x - i); "
+                "our w_in = 1 means Norse LIFCell's i += x (then decay), which is that definition with "
+                "w_in = tau_syn/dt"),
+    Case("snntorch convnet-cuba", "snntorch", student="convnet-cuba", fails_with="r not supported in CubaLIF",
+         reason="import_from_nir asserts r = tau_mem/dt for CubaLIF (its own export form); ours is r = 1"),
+]
 EXACT_CLAIMS = ("exact", "exact with setting")
+STUDENTS = {  # kind -> (family, tau_syn_steps)
+    "convnet": ("convnet", None),
+    "resnet": ("resnet", None),
+    "convnet-cuba": ("convnet", 3.0),
+}
 
 
 @pytest.fixture(scope="module")
 def interop_case(tmp_path_factory):
-    """(nir path, inputs path, reference TargetResult, metadata) shared by all cases."""
+    """kind -> (nir path, inputs path, reference TargetResult, metadata), each built once."""
     from stars_deploy.neurons import LIFConfig
     from stars_deploy.students import StudentConfig, build_student
     from conftest import randomize_batchnorm
 
-    torch.manual_seed(0)
-    student = randomize_batchnorm(build_student(StudentConfig(family="convnet", width=8, depth=3, timesteps=6,
-                                                              lif=LIFConfig())))
-    with torch.no_grad():
-        for layer in student.layers:
-            layer.bn.weight.mul_(BN_GAIN)
-    mean, std = NORMALIZATIONS["digits"]
-    directory = tmp_path_factory.mktemp("interop")
-    nir_path, inputs_path = directory / "student.nir", directory / "inputs.npz"
-    write_nir(nir_path, student_to_nir(student, normalization=(list(mean), list(std))))
-    images = load_digits_split("test").images[:SAMPLES]
-    inputs = ((images - mean[0]) / std[0]).float()
-    reference = NIRReference(read_nir(nir_path))
-    np.savez(inputs_path, inputs=inputs.numpy(), T=reference.timesteps, dt=reference.dt_s)
-    result = reference.run(inputs)
-    for name, spikes in result.spikes.items():
-        assert 0.05 < float(spikes.mean()) < 0.5, f"the test student's {name} should spike (rate {spikes.mean():.3f})"
-    return nir_path, inputs_path, result, {"dt_s": reference.dt_s, "timesteps": reference.timesteps,
-                                           "spike_names": dict(reference.spike_names)}
+    built = {}
+
+    def make(kind: str):
+        if kind in built:
+            return built[kind]
+        family, tau_syn_steps = STUDENTS[kind]
+        torch.manual_seed(0)
+        config = StudentConfig(family=family, width=8, depth=3 if family == "convnet" else 8, timesteps=6,
+                               lif=LIFConfig(tau_syn_steps=tau_syn_steps))
+        student = randomize_batchnorm(build_student(config))
+        with torch.no_grad():
+            for module in student.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.weight.mul_(BN_GAIN)
+        mean, std = NORMALIZATIONS["digits"]
+        directory = tmp_path_factory.mktemp(f"interop-{kind}")
+        nir_path, inputs_path = directory / "student.nir", directory / "inputs.npz"
+        write_nir(nir_path, student_to_nir(student, normalization=(list(mean), list(std))))
+        images = load_digits_split("test").images[:SAMPLES]
+        inputs = ((images - mean[0]) / std[0]).float()
+        reference = NIRReference(read_nir(nir_path))
+        np.savez(inputs_path, inputs=inputs.numpy(), T=reference.timesteps, dt=reference.dt_s)
+        result = reference.run(inputs)
+        for name, spikes in result.spikes.items():
+            assert 0.01 < float(spikes.mean()) < 0.6, f"{kind}: {name} should spike (rate {spikes.mean():.3f})"
+        built[kind] = (nir_path, inputs_path, result, {"dt_s": reference.dt_s, "timesteps": reference.timesteps,
+                                                       "spike_names": dict(reference.spike_names)})
+        return built[kind]
+    return make
 
 
 def _venv_info(reader: str) -> dict:
@@ -132,7 +163,8 @@ def _record(case: Case, row: dict) -> None:
     order = [c.id for c in CASES]
     data.update({"rows": sorted(rows.values(), key=lambda r: order.index(r["id"]) if r["id"] in order else 99),
                  "reference": "stars-deploy targets/nir_reference.NIRReference",
-                 "student": f"random convnet (width 8, depth 3, T 6, tau_mem 2 steps), BN gains x{BN_GAIN:g}",
+                 "student": (f"random students (width 8; convnet depth 3, resnet depth 8; T 6, tau_mem 2 "
+                             f"steps, cuba: tau_syn 3 steps), BatchNorm gains x{BN_GAIN:g}"),
                  "inputs": f"{SAMPLES} held-out digits, normalised, one batch", "logit_atol": LOGIT_ATOL})
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
 
@@ -163,7 +195,7 @@ def _compare(out_path: Path, reference, spike_names: dict) -> dict:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_reader_reads_our_nir_file(case, interop_case, tmp_path):
-    nir_path, inputs_path, reference, meta = interop_case
+    nir_path, inputs_path, reference, meta = interop_case(case.student)
     python = VENVS / case.reader / "bin" / "python"
     if not python.is_file():
         message = (f"no venv for {case.reader} at {python.parent.parent} "
@@ -178,7 +210,7 @@ def test_reader_reads_our_nir_file(case, interop_case, tmp_path):
                "--inputs", str(inputs_path), "--out", str(out_path), *case.args]
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     venv = _venv_info(case.reader)
-    row = {"id": case.id, "reader": case.reader, "version": venv.get("version"), "nir": venv.get("nir"),
+    row = {"id": case.id, "reader": case.reader, "student": case.student, "version": venv.get("version"), "nir": venv.get("nir"),
            "install_s": venv.get("install_s"), "claim": case.claim, "setting": case.setting,
            "samples": SAMPLES, "timesteps": meta["timesteps"], "dt_s": meta["dt_s"],
            "date": datetime.date.today().isoformat(), "python": sys.version.split()[0]}
