@@ -23,11 +23,11 @@ def table(data: dict) -> str:
              "| spike mismatches | install s | reason |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in data["rows"]:
-        spikes = ("not exposed" if row.get("spike_mismatches") is None and row.get("status") != "fails to import"
+        spikes = ("not exposed" if row.get("spike_mismatches") is None and row.get("status") in ("exact", "not exact")
                   else "-" if row.get("spike_mismatches") is None
                   else f"{row['spike_mismatches']:,} of {row['spikes_compared']:,}")
         reason = row.get("reason", "")
-        if row.get("status") == "fails to import":
+        if row.get("status") in ("fails to import", "wrong output"):
             reason = f"`{row.get('error', '')[:160]}`: {reason}"
         agreement = None if row.get("agreement") is None else 100 * row["agreement"]
         lines.append("| " + " | ".join([
