@@ -24,7 +24,14 @@ LAVA_DEPS = 'scipy<2' h5py 'asteval<0.10' networkx matplotlib
 BROWSER_PACKAGES = chromium chromium-driver
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install lava browser demo test bench clean
+# Other tools' NIR readers, each in its own venv under .venv-interop/<reader>/ (tools/interop/setup.sh,
+# pinned versions); tests/test_interop.py runs our exported file in each and compares it with our
+# reference. `make test` builds those the README lists as exact, so that CI proves them; all five:
+# make interop INTEROP_READERS="norse snntorch sinabs spyx rockpool" (sinabs is AGPL: test-time only).
+INTEROP_READERS ?= norse snntorch
+INTEROP_ROOT := .venv-interop
+
+.PHONY: install lava browser interop demo test bench clean
 
 install: $(STAMP) $(LAVA_STAMP)
 
@@ -46,6 +53,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -c "import stars_deploy.cli, norse.torch"
 	touch $@
 
+interop: $(INTEROP_READERS:%=$(INTEROP_ROOT)/%/interop.json)
+
+$(INTEROP_ROOT)/%/interop.json: tools/interop/setup.sh
+	PYTHON=$(PYTHON) tools/interop/setup.sh $*
+
 demo: install
 	$(BIN)/stars-deploy distill
 
@@ -53,11 +65,11 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(BROWSER_PACKAGES))
 
-test: install browser
+test: install browser interop
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/objectives.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(INTEROP_ROOT) runs .pytest_cache

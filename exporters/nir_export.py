@@ -80,7 +80,11 @@ class NIRBuilder(LayerTable):
 
     def flatten(self, name: str, source: str) -> str:
         name = super().flatten(name, source)
-        self.nodes[name] = nir.Flatten(input_type={"input": np.array(self.shapes[source])}, start_dim=0, end_dim=-1)
+        shape = self.shapes[source]
+        # start_dim counted from the end (-3 for (C, H, W)): the same flattening in NIR's
+        # batch-free shapes, and the batch-keeping one for readers that hand start_dim to
+        # torch.nn.Flatten on (B, C, H, W) as it stands (Norse, snnTorch, nirtorch's default)
+        self.nodes[name] = nir.Flatten(input_type={"input": np.array(shape)}, start_dim=-len(shape), end_dim=-1)
         return name
 
     def affine(self, name: str, linear: nn.Linear, source: str) -> str:

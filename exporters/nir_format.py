@@ -21,6 +21,14 @@ written into the graph's metadata, and every reader of ours validates it:
 
 Time constants are float64 seconds (``tau = tau_steps * dt_s``) so that a reader computing
 ``1 / tau`` in float64 gets Norse's float32 rate exactly.
+
+Flatten nodes count ``start_dim`` from the end (``start_dim = -3, end_dim = -1`` for a
+(C, H, W) input): in NIR's batch-free shapes that is the whole sample, as ``start_dim = 0`` is,
+and readers that hand start_dim to ``torch.nn.Flatten`` unchanged (Norse's and snnTorch's
+from_nir, nirtorch's default map) then keep the batch dimension instead of flattening it.
+Neuron parameters are full-shape arrays even where every value is equal: NIR 1.0.8 takes a
+neuron's input type from its parameters' shape, so a scalar or per-channel form fails type
+checking (tests/test_interop.py and README list which readers read the file exactly).
 """
 
 from __future__ import annotations

@@ -97,6 +97,23 @@ def test_exported_graph_has_full_shapes_folded_weights_and_metadata(random_stude
     assert set(metadata["spike_layers"].values()) == set(student(torch.zeros(1, 1, 8, 8)).spikes)
 
 
+@pytest.mark.parametrize("family", ["convnet", "resnet"])
+def test_flatten_counts_start_dim_from_the_end_so_torch_readers_keep_the_batch(random_student, family, tmp_path):
+    """NIR shapes have no batch: Flatten(start_dim=-3) of (C, H, W) is the whole sample, and
+    torch.nn.Flatten(start_dim, end_dim) taken as written (Norse's and snnTorch's from_nir,
+    nirtorch's default map) flattens (B, C, H, W) to (B, C*H*W), where start_dim=0 flattened the
+    batch as well."""
+    student = random_student(family)
+    write_nir(tmp_path / "s.nir", student_to_nir(student))
+    graph = read_nir(tmp_path / "s.nir")
+    flatten = graph.nodes["flatten"]
+    shape = tuple(int(s) for s in flatten.input_type["input"])
+    assert (int(flatten.start_dim), int(flatten.end_dim)) == (-len(shape), -1)
+    assert flatten.output_type["output"].tolist() == [int(np.prod(shape))]
+    batch = torch.zeros(5, *shape)
+    assert torch.nn.Flatten(int(flatten.start_dim), int(flatten.end_dim))(batch).shape == (5, int(np.prod(shape)))
+
+
 def test_the_same_student_exports_to_identical_bytes(random_student):
     student = random_student("resnet")
     first = nir_bytes(student_to_nir(student))

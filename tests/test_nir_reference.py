@@ -57,9 +57,10 @@ def test_student_and_its_nir_file_spike_identically(random_student, family, tau_
 
 def nirtorch_with_norse(path):
     """The independent consumer: nirtorch 2.6 builds the graph, Norse cells are the neurons.
-    It needs three entries in its node map: Affine (nirtorch's default drops the bias),
-    Flatten (its default flattens the batch dimension too: NIR's start_dim excludes it) and the
-    neurons (LIF -> LIFBoxCell, CubaLIF -> LIFCell with rates 1/tau and dt from the metadata)."""
+    It needs two entries in its node map: Affine (nirtorch's default drops the bias) and the
+    neurons (LIF -> LIFBoxCell, CubaLIF -> LIFCell with rates 1/tau and dt from the metadata).
+    Flatten takes nirtorch's default, torch.nn.Flatten(start_dim, end_dim) as written: the
+    exporter counts start_dim from the end (-3), so the batch dimension stays."""
     import nirtorch
     from norse.torch import LIFBoxCell, LIFBoxParameters, LIFCell, LIFParameters
 
@@ -84,7 +85,6 @@ def nirtorch_with_norse(path):
 
     node_map = {
         nir.Affine: affine,
-        nir.Flatten: lambda node: torch.nn.Flatten(int(node.start_dim) + 1, int(node.end_dim)),
         nir.LIF: lambda node: LIFBoxCell(LIFBoxParameters(tau_mem_inv=rate(node.tau), **common(node)), dt=dt_s),
         nir.CubaLIF: lambda node: LIFCell(LIFParameters(tau_syn_inv=rate(node.tau_syn), tau_mem_inv=rate(node.tau_mem),
                                                         **common(node)), dt=dt_s),
