@@ -20,7 +20,7 @@
    layer (currents placed exactly at the threshold included) and a whole student on digits;
    spikes bit for bit, input gradients within 1e-5 (absolute and relative). A compiler
    failure (the kernel's eager fallback, announced by a warning) fails the check.
-4. bf16 teacher path (``SynthesisConfig.teacher_bf16``): a short pixel synthesis (host, and
+4. bf16 teacher path (run before 3, whose compilation is slow on a busy machine) (``SynthesisConfig.teacher_bf16``): a short pixel synthesis (host, and
    stars with a student) with the ResNet-20 teacher (--teacher-weights; else a random digits
    teacher): every loss term finite, the images finite, the teacher's convolutions really
    in bfloat16; the fp32 L_BN of the same seed for comparison.
@@ -312,10 +312,11 @@ def main() -> None:
             checks.run(f"nir reference, {name} student (torch defaults)", check_nir, graph, images, device, None)
             if checks.cuda and tf32_default:
                 checks.run(f"nir reference, {name} student (TF32 off)", check_nir, graph, images, device, False)
-    checks.run("compiled LIF, one layer", check_lif_layer, device)
-    checks.run("compiled LIF, digits student", check_lif_student, digits, device)
+    # bf16 before the LIF kernels, whose compilation can take minutes on a busy machine
     checks.run("bf16 teacher synthesis", check_bf16, args.teacher_weights, device,
                args.bf16_batch or (256 if checks.cuda else 16), args.bf16_steps or (20 if checks.cuda else 2))
+    checks.run("compiled LIF, one layer", check_lif_layer, device)
+    checks.run("compiled LIF, digits student", check_lif_student, digits, device)
     failed = [r["check"] for r in checks.rows if r["status"] == "FAIL"]
     print(f"\n{len(checks.rows)} checks on {device}: {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ""))
     if args.json:

@@ -43,6 +43,7 @@ MEMBER_BYTES_MAX = 2 * 2**20  # a larger result file goes into the archive as he
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 ERR_TAIL_CHARS = 240
 SYNC_LINE_CHARS = 240
+ROW_CHARS = 280  # a checks row: the counts come first, so a cut row keeps them
 SPEED_ROWS_MAX = 40
 OWN_SECTIONS = ("speed_convnet", "speed_compiled", "cuda_checks", "torchrun")  # they show their own stderr
 SPEED_STAGES = (("speed_convnet", "Speed: convnet student, ResNet-20 teacher (each speed change side by side)"),
@@ -169,7 +170,8 @@ def speed_section(results: Path, stem: str, title: str, stages: dict) -> list[st
 def table_section(results: Path, stem: str, title: str, stages: dict) -> list[str]:
     lines = [f"## {title}", ""]
     text = read_text(results / f"{stem}.md") or ""
-    lines += [line for line in text.splitlines() if line.startswith("|") or re.match(r"^\d+ checks on", line)]
+    lines += [line if len(line) <= ROW_CHARS else line[:ROW_CHARS - 6] + " ... |" for line in text.splitlines()
+              if line.startswith("|") or re.match(r"^\d+ checks on", line)]
     rc = stages.get(stem, {}).get("rc")
     if rc != "0":
         tail = err_tail(results / f"{stem}.err")
@@ -220,16 +222,17 @@ def summary(results: Path) -> str:
     if env.get("SETTINGS"):
         lines += [f"Settings: {env['SETTINGS']}", ""]
     lines += stage_table(stages, env, results) + [""]
-    for stem, title in SPEED_STAGES:
-        lines += speed_section(results, stem, title, stages) + [""]
+    # most wanted first: a summary cut at SUMMARY_LIMIT loses the end of the speed tables
+    budget = env.get("BUDGET_S", "?")
+    lines += [f"## CIFAR-10 candidates, all at once on the one GPU, --budget-s {budget} each "
+              "(accuracies are lower bounds for a run alone; options in candidates.tsv)", ""]
+    lines += candidate_rows(results, stages) + [""]
     lines += table_section(results, "cuda_checks", "CUDA correctness checks (benchmarks/cuda_checks.py)", stages)
     lines += [""] + table_section(results, "torchrun", "torchrun, 1 process, against the plain command "
-                                  "(runs beside the CIFAR-10 runs: compare weights, not speed)", stages)
-    budget = env.get("BUDGET_S", "?")
-    lines += ["", f"## CIFAR-10 candidates, all at once on the one GPU, --budget-s {budget} each "
-              "(accuracies are lower bounds for a run alone; options in candidates.tsv)", ""]
-    lines += candidate_rows(results, stages)
-    lines += ["", "Everything (tables, JSON, stderr) is in results.tar.gz."]
+                                  "(runs beside the CIFAR-10 runs: compare weights, not speed)", stages) + [""]
+    for stem, title in SPEED_STAGES:
+        lines += speed_section(results, stem, title, stages) + [""]
+    lines += ["Everything (tables, JSON, stderr) is in results.tar.gz."]
     return "\n".join(lines) + "\n"
 
 
