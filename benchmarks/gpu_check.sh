@@ -30,7 +30,7 @@ SETUP_TIMEOUT_S=${SETUP_TIMEOUT_S:-60}
 SPEED_TIMEOUT_S=${SPEED_TIMEOUT_S:-100}; COMPILED_TIMEOUT_S=${COMPILED_TIMEOUT_S:-110}
 CHECKS_TIMEOUT_S=${CHECKS_TIMEOUT_S:-240}; TORCHRUN_TIMEOUT_S=${TORCHRUN_TIMEOUT_S:-240}
 CIFAR_SLACK_S=${CIFAR_SLACK_S:-100}       # start-up, evaluations, the round that ends past the budget
-BUDGET_S=${BUDGET_S:-}                    # per CIFAR run; empty: what phase 2 leaves after the slack
+BUDGET_S=${BUDGET_S:-}                    # per CIFAR run; empty (or more): what phase 2 leaves after the slack
 SPEED_ROUNDS=${SPEED_ROUNDS:-3}; BATCHES=${BATCHES:-256}; PIXEL_STEPS=${PIXEL_STEPS:-100}; KD_STEPS=${KD_STEPS:-50}
 COMPILE_SYNTHESIS=${COMPILE_SYNTHESIS:-none}  # for the CIFAR runs; `default` once the compiled table shows it pays
 JOB_THREADS=${JOB_THREADS:-2}             # CPU threads per process in phase 2 (16 cores shared)
@@ -95,11 +95,12 @@ pack() {  # the summary and the archive of everything so far, into $OUT (atomic 
 }
 
 finish() {  # always: stop what still runs, pack, check $OUT, print the summary last
-  local rc=$? pid checked
+  local rc=$? pid checked stopped=0
   trap - EXIT TERM INT
   for pid in $(cat "$PIDS" 2>/dev/null); do  # the stages' timeouts, which pass TERM on to their commands
-    kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null && sleep 1
+    kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null && stopped=1
   done
+  ((stopped)) && sleep 2  # let them write what they have
   pack
   python3 benchmarks/gpu_summary.py --check-out "$OUT"; checked=$?
   echo "results folder on this machine: $RES; total $(( $(date +%s) - START )) s of $TOTAL_S"
@@ -153,7 +154,8 @@ pack
 
 # ---- 2. CIFAR-10 candidates, checks and torchrun, all at once ------------------------------
 phase=$(limit 100000)  # every second left before packing
-budget=${BUDGET_S:-$((phase - CIFAR_SLACK_S))}
+budget=$((phase - CIFAR_SLACK_S))
+if [ -n "$BUDGET_S" ] && ((BUDGET_S < budget)); then budget=$BUDGET_S; fi  # never more than the phase allows
 if ((budget < 1)); then budget=1; fi
 echo "BUDGET_S=$budget" >> "$RES/run.env"
 : > "$RES/candidates.tsv"
@@ -182,4 +184,4 @@ while [ -n "$(jobs -pr)" ]; do  # pack once a minute meanwhile: a hard kill keep
   sleep 5
   if (($(date +%s) - last >= 60)); then pack; last=$(date +%s); fi
 done
-# the EXIT trap packs, checks $OUT and prints the summary
+exit 0  # the EXIT trap packs, checks $OUT and prints the summary
