@@ -52,9 +52,9 @@ from stars_deploy.exporters.loihi_export import lower_nir
 from stars_deploy.exporters.netx_format import read_network, write_network
 from stars_deploy.exporters.nir_export import student_to_nir
 from stars_deploy.exporters.nir_format import read_nir, write_nir
-from stars_deploy.neurons import LIFConfig, LIFSequence, set_lif_kernel
+from stars_deploy.students.neurons import LIFConfig, LIFSequence, set_lif_kernel
 from stars_deploy.students import StudentConfig, build_student
-from stars_deploy.synthesis import PixelSynthesizer, SynthesisConfig
+from stars_deploy.distill.synthesis import PixelSynthesizer, SynthesisConfig
 from stars_deploy.targets.loihi import LoihiEmulator
 from stars_deploy.targets.nir_reference import NIRReference
 from stars_deploy.targets.record import spike_mismatches

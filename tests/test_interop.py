@@ -117,7 +117,7 @@ STUDENTS = {  # kind -> (family, tau_syn_steps)
 @pytest.fixture(scope="module")
 def interop_case(tmp_path_factory):
     """kind -> (nir path, inputs path, reference TargetResult, metadata), each built once."""
-    from stars_deploy.neurons import LIFConfig
+    from stars_deploy.students.neurons import LIFConfig
     from stars_deploy.students import StudentConfig, build_student
     from conftest import randomize_batchnorm
 

@@ -131,9 +131,11 @@ class Distillation:
         """Teacher, evaluation data, run directory, student, optimiser, pool and synthesiser, in
         the order that makes the RNG draws of a run (and of a resumed one) the same."""
         config, group, spec = self.config, self.group, self.config.teacher
-        torch.manual_seed(config.seed + group.rank)  # rank 0 draws exactly what a single process draws
         with group.local_leader_first():  # one teacher training per machine, the others wait for it
             self.weights = Path(spec.weights) if spec.weights else ensure_default_teacher()
+        # seeded after the teacher: training one (a fresh cache) seeds torch itself, and a run
+        # must draw the same whether its teacher was cached or trained just now
+        torch.manual_seed(config.seed + group.rank)  # rank 0 draws exactly what a single process draws
         self.teacher = load_teacher(spec, self.weights).to(self.device)
         self.normalizer = Normalizer(*spec.mean_std).to(self.device)
         if config.eval_data and self.main:  # rank 0 evaluates; the others wait at the next collective
