@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,18 @@ def test_train_augment_crops_within_the_padding_and_keeps_shapes():
         inside = sample[sample != -100]
         assert len(inside) >= 49
     assert not torch.equal(out[0], out[1]) or not torch.equal(out[1], out[2])
+
+
+def test_a_run_from_an_empty_teacher_cache_draws_what_a_cached_run_draws(tmp_path, digits_teacher, monkeypatch):
+    """Training the digits teacher seeds torch itself: the run's own seed must come after it."""
+    from stars_deploy.distill import distill
+    from stars_deploy.teachers.training import CACHE_ENV
+
+    config = make_config(rounds=2, kd_steps=2, synthesis={"batch_size": 16, "steps": 2}, eval_data=None)
+    cached = distill(config, runs_dir=tmp_path / "cached")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty-cache"))
+    fresh = distill(config, runs_dir=tmp_path / "fresh")
+    assert (tmp_path / "empty-cache" / "teachers" / "digits_cnn.pt").is_file()
+    a = torch.load(Path(cached["run_dir"]) / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(Path(fresh["run_dir"]) / "student.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
