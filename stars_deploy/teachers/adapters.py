@@ -54,6 +54,13 @@ class ClassifierTeacher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
+    def train(self, mode: bool = True) -> "ClassifierTeacher":
+        """Set the mode flag of every submodule directly: torch.export's module refuses
+        .train() and .eval() (its BatchNorms are rebuilt in eval mode and stay so unless asked)."""
+        for module in self.modules():
+            module.training = mode
+        return self
+
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.head, nn.Identity):
             return self.module(x)
