@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .errors import ConfigError
 from .layout import MANIFEST, STUDENT
 

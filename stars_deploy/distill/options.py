@@ -268,12 +268,13 @@ def teacher_spec(arch: str, weights: Path | None, normalization: str, num_classe
     return spec
 
 
-def config_from_options(values: dict[str, Any]) -> DistillConfig:
+def config_from_options(values: dict[str, Any], teacher: TeacherSpec | None = None) -> DistillConfig:
     """The DistillConfig for the distill options ``values`` (Python names; missing ones at
-    their defaults; the run-directory options are ignored)."""
+    their defaults; the run-directory options are ignored). ``teacher``: a spec made by the
+    caller (the Python API's module teachers), instead of the teacher options."""
     v = {**defaults(), **values}
-    spec = teacher_spec(v["arch"], v["weights"], v["normalization"], v["num_classes"], v["input_shape"],
-                        v["no_hflip"])
+    spec = teacher or teacher_spec(v["arch"], v["weights"], v["normalization"], v["num_classes"], v["input_shape"],
+                                   v["no_hflip"])
     budget_s = DEFAULT_BUDGET_S if v["budget_s"] is None and v["rounds"] is None else v["budget_s"]
     return make_config(
         v["objective"], teacher=spec, host=v["host"],
