@@ -35,7 +35,8 @@ from stars_deploy.errors import StarsDeployError
 from stars_deploy.exporters.netx_format import read_network
 
 from .energy import loihi_energy
-from .loihi import CONVENTIONS, LATENCY_NOTE, LoihiEmulator, fan_out_synops, on_chip_neurons, readout_logits
+from .loihi import (CONVENTIONS, LATENCY_NOTE, LoihiEmulator, fan_out_synops, inputs_required, on_chip_neurons,
+                    readout_logits)
 from .record import TargetResult
 from .target import Target
 
@@ -103,6 +104,7 @@ class LavaRunner:
         self.metadata = self.network.metadata
         self.timesteps = int(timesteps or self.metadata.get("timesteps") or 0)
         self.warnings = list(self.metadata.get("notes", []))
+        self.inputs_required = inputs_required(self.network, str(self.path))
 
     def run(self, images: torch.Tensor, timesteps: int | None = None, sequence: bool | None = None) -> TargetResult:
         """Run ``images`` (our files: normalised images (B, *input shape); another tool's file:

@@ -216,6 +216,15 @@ def foreign_inputs(network: NetxNetwork, inputs: torch.Tensor, steps: int, sourc
     return values if sequence else values.unsqueeze(0).expand(steps, *values.shape)
 
 
+def inputs_required(network: NetxNetwork, source: str) -> str | None:
+    """Why a file cannot run on images (another tool's file has no input stage), or None."""
+    if not network.foreign:
+        return None
+    what = "spikes (0/1) into its first synapse" if network.input_synapse else "its input layer's a_in (integers)"
+    return (f"{source} is a netx file from another tool (no 'stars' group, no input stage): give its inputs with "
+            f"--inputs FILE.npz, {what} of shape {list(network.input_shape)} per step (README, Loihi)")
+
+
 class LoihiEmulator:
     """Runs a ``.net`` file for T steps on a batch; returns a TargetResult (window time)."""
 
@@ -224,6 +233,7 @@ class LoihiEmulator:
         self.metadata = network.metadata
         self.timesteps = int(self.metadata.get("timesteps") or 0)
         self.warnings = list(self.metadata.get("notes", []))  # fields of a foreign file that netx ignores
+        self.inputs_required = inputs_required(network, source)
         self.synapses = [None if layer.kind == "input" else self._synapse(i, layer)
                          for i, layer in enumerate(network.layers)]
 

@@ -150,6 +150,8 @@ def simulate(path: Path, target: str = "nir", data: str | None = None, samples: 
         run = _explicit(runner.run, given)
         reference = _explicit(reference, given) if callable(reference) else reference
     else:
+        if getattr(runner, "inputs_required", None):
+            raise ConfigError(runner.inputs_required)
         data = data or run_eval_data(run_dir)
         eval_data = load_eval_data(data).subset(samples)
         images, labels, data_name = model_inputs(runner.metadata, eval_data.images), eval_data.labels, eval_data.name
