@@ -60,7 +60,8 @@ the float targets), ``latency_steps = T + D`` and ``pipeline_delay_steps = D``.
 
 Input: the off-chip first synaptic layer's output, a 13-bit integer per input-layer neuron
 (:func:`input_bias_mantissa`), is that neuron's synaptic input ``a_in`` at every step
-of the sample, as Lava's runner sends it (targets/lava_sim.py). With the exporter's
+of the sample, as Lava's runner sends it (targets/lava_sim.py); for a (T, B, ...) sequence of
+frames (event data) the off-chip layer runs on each frame and step t gets frame t's integers. With the exporter's
 ``iDecay = 4096`` this is bit for bit a bias of the same mantissa (``u = a_in << 6``).
 
 Input of another tool's netx file (no ``stars`` group, so no off-chip stage): the user's
@@ -266,11 +267,11 @@ class LoihiEmulator:
         if self.network.foreign:
             return foreign_inputs(self.network, inputs, steps, self.source, sequence).to(self.device), 0
         images, is_sequence = split_inputs(inputs, self.network.input_shape, self.source, sequence)
-        if is_sequence:
-            raise NetxFormatError(f"{self.source}: a stars-deploy .net file takes one image per sample (direct "
-                                  "encoding, the same every step), not a sequence")
         if images.is_floating_point() and not bool(torch.isfinite(images).all()):
             raise DataError(f"{self.source}: the input images hold NaN or Inf")
+        if is_sequence:  # one frame per step (event data): the off-chip stage runs on every frame
+            drive, clipped = input_bias_mantissa(self.network.input_stage, images.flatten(0, 1))
+            return drive.unflatten(0, images.shape[:2]).to(self.device), clipped
         drive, clipped = input_bias_mantissa(self.network.input_stage, images)
         drive = drive.to(self.device)
         return drive.unsqueeze(0).expand(steps, *drive.shape), clipped

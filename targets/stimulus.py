@@ -7,9 +7,9 @@ dimension):
 - ``(B, *shape)``: B samples, each the same at every step (direct encoding);
 - ``(T, B, *shape)``: B samples, step t of each at ``[t]`` (a batch of one is ``(T, 1, *shape)``).
 
-``*shape`` may also be given flattened (``(B, N)`` or ``(T, B, N)`` with N = prod(shape)). When a
-flattened form could be read both ways (only possible when B = 1 and one side is flat), the
-caller must say which with ``sequence=True/False``.
+An exact ``*shape`` decides. Otherwise ``(B, ...)`` with prod(shape) values per sample is
+constant and ``(T, B, N)`` with N = prod(shape) a sequence; when a shape could be read both
+ways (``(T, 1, N)``), the caller must say which with ``sequence=True/False``.
 
 ``--inputs FILE.npz`` (numpy's ``np.savez``, read with ``allow_pickle=False``), exactly one of
 
@@ -41,24 +41,26 @@ INPUTS_KEY, SEQUENCES_KEY, LABELS_KEY = "inputs", "sequences", "labels"
 MAX_INPUT_VALUES = 1 << 31  # numbers in one --inputs file: bounds what a run allocates
 
 
-def _matches(tail: tuple[int, ...], shape: tuple[int, ...]) -> bool:
-    return tail == shape or (len(tail) == 1 and tail[0] == int(np.prod(shape)))
-
-
 def split_inputs(inputs: torch.Tensor, shape: tuple[int, ...], source: str, sequence: bool | None = None
                  ) -> tuple[torch.Tensor, bool]:
     """(inputs reshaped to (B, *shape) or (T, B, *shape), whether it is a sequence).
 
-    Raises DataError naming ``source`` when the shape fits neither form, or both."""
+    An exact trailing shape decides; otherwise (B, anything of prod(shape) values) is constant
+    and (T, B, prod(shape)) a sequence. Raises DataError naming ``source`` when the shape fits
+    neither form, or both (then ``sequence`` must say which)."""
     shape = tuple(int(s) for s in shape)
+    size = int(np.prod(shape))
     dims = tuple(int(s) for s in inputs.shape)
-    constant = len(dims) >= 2 and _matches(dims[1:], shape)
-    stepped = len(dims) >= 3 and _matches(dims[2:], shape)
+    constant = len(dims) >= 2 and dims[1:] == shape
+    stepped = len(dims) >= 3 and dims[2:] == shape
+    if not (constant or stepped):
+        constant = len(dims) >= 2 and int(np.prod(dims[1:])) == size
+        stepped = len(dims) == 3 and dims[2] == size
     if sequence is None:
         if constant and stepped:
             raise DataError(f"{source}: inputs of shape {list(dims)} read both as {dims[0]} samples and as "
-                            f"{dims[0]} steps of {dims[1]} sample(s) of {list(shape)}: say which (sequence=True "
-                            "for (T, B, ...), False for (B, ...))")
+                            f"{dims[0]} steps of {dims[1]} sample(s) of {list(shape)}: give the full shape, or say "
+                            "which (sequence=True for (T, B, ...), False for (B, ...))")
         sequence = stepped
     if (sequence and not stepped) or (not sequence and not constant):
         form = "(T, B, " if sequence else "(B, "
