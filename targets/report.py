@@ -27,13 +27,13 @@ import io
 import time
 from pathlib import Path
 
-from stars_deploy import __version__
 from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import read_json, write_bytes
 from stars_deploy.layout import (CHECK_PREFIX, DISTILL, EXPORT_JSON, MANIFEST, PLOTS_DIR, REPORT, REPORT_MD, STUDENT,
                                  export_dir)
 from stars_deploy.progress import log
 from stars_deploy.units import count, of, percent, si, steps_and_time
+from stars_deploy.version import __version__
 
 from . import report_plots as plots
 from .simulate import collect_results, raster_sample
