@@ -6,6 +6,7 @@ input shape, class names), stored in every run manifest; :func:`load_teacher` re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,8 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from stars_deploy.errors import ConfigError
+from stars_deploy.errors import CheckpointError, ConfigError
 from stars_deploy.fileio import fit_state_dict, load_torch
+from stars_deploy.memory import on_meta, parameter_count, require
 
 from .models import CIFAR10_CLASSES, DIGITS_CLASSES, CifarResNet, DigitsCNN
 
@@ -63,7 +65,9 @@ def parse_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]
             f"--normalization {text!r} is neither a preset ({', '.join(NORMALIZATIONS)}) "
             "nor 'mean1,mean2,.../std1,std2,...'"
         ) from None
-    if len(mean) != len(std) or any(s <= 0 for s in std):
+    if not all(math.isfinite(v) for v in mean + std):
+        raise ConfigError(f"--normalization {text!r}: every mean and std must be a finite number")
+    if len(mean) != len(std) or not all(s > 0 for s in std):
         raise ConfigError(f"--normalization {text!r}: mean and std need the same length and std > 0")
     return mean, std
 
@@ -82,7 +86,7 @@ class TeacherSpec:
         if self.arch not in ARCHITECTURES:
             raise ConfigError(
                 f"unknown teacher architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-        if self.num_classes < 2:
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ConfigError(f"--num-classes must be at least 2, got {self.num_classes}")
 
     @property
@@ -132,10 +136,25 @@ def build_teacher(spec: TeacherSpec) -> nn.Module:
     return spec.architecture.build(spec.num_classes, spec.input_shape[0])
 
 
+def check_finite_weights(model: nn.Module, source: str) -> None:
+    """Every floating-point parameter and buffer of ``model`` finite, or a CheckpointError naming
+    the first tensor that holds NaN or an infinity (a teacher with one computes NaN everywhere)."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{source}: {name} holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                                  "the checkpoint is broken (a diverged training?): use another one")
+
+
 def load_teacher(spec: TeacherSpec, weights: Path) -> nn.Module:
-    """Build the architecture and load ``weights`` with ``weights_only=True``; eval mode, frozen."""
+    """Build the architecture and load ``weights`` with ``weights_only=True``; eval mode, frozen.
+    NaN or infinite weights are refused, naming the layer; a size that cannot fit in memory
+    (``--num-classes 10**9``) is refused before allocating it."""
+    require(4 * parameter_count(on_meta(lambda: build_teacher(spec))), torch.device("cpu"),
+            f"teacher {spec.arch} with {spec.num_classes} classes", "check --num-classes")
     model = build_teacher(spec)
     fit_state_dict(model, load_torch(weights, "teacher checkpoint"), f"teacher checkpoint {weights}")
+    check_finite_weights(model, f"teacher checkpoint {weights}")
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
