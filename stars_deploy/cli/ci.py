@@ -11,8 +11,8 @@ from stars_deploy.targets.gates import GATES, GATE_FAILED
 from stars_deploy.targets.registry import target_names
 from stars_deploy.units import percent
 
-from .common import (LazyChoice, TopicCommand, device_option, emit, option, output_options, quiet_if,
-                     run_dir_or_latest, runs_dir_option, table)
+from .common import (LazyChoice, TopicCommand, device_option, emit, inside_working_directory, option,
+                     output_options, quiet_if, run_dir_or_latest, runs_dir_option, table)
 
 
 def _format(value) -> str:
@@ -66,10 +66,14 @@ def gate_options(function):
 def check(ctx, run_dir, target, data, samples, config, rerun, junit_xml, device, runs_dir, as_json, quiet, **limits):
     """Gate a run's exported student on a target (default: the latest run). Exit 0 when every
     gate passes, 1 when one fails, 2 on a usage or input error."""
+    from stars_deploy.devices import resolve_device
     from stars_deploy.targets.check import check as run_check
     from stars_deploy.targets.gates import write_junit_xml
 
     quiet_if(quiet)
+    if junit_xml is not None:
+        junit_xml = inside_working_directory(junit_xml, "--junit-xml")
+    resolve_device(device)  # before any work, also when a stored result is reused
     result = run_check(run_dir_or_latest(run_dir, runs_dir), target, limits, data, samples, config, rerun, device)
     if junit_xml is not None:
         write_junit_xml(junit_xml, result["gates"], f"stars-deploy check {result['target']}")
@@ -92,9 +96,11 @@ def check(ctx, run_dir, target, data, samples, config, rerun, junit_xml, device,
 @output_options
 def report(run_dir, data, samples, device, runs_dir, as_json, quiet):
     """Write RUN_DIR/report.html (self-contained, PNG plots) and RUN_DIR/plots/ (default: the latest run)."""
+    from stars_deploy.devices import resolve_device
     from stars_deploy.targets.report import write_report
 
     quiet_if(quiet)
+    resolve_device(device)  # before any work, also when every target's result is stored
     payload = write_report(run_dir_or_latest(run_dir, runs_dir), data, samples, device)
     emit(payload, as_json, [("report", payload["report"]), ("plots", ", ".join(payload["plots"]) or "none"),
                             ("targets", ", ".join(payload["targets"]) or "none")])

@@ -92,9 +92,11 @@ def _all_compares() -> list[str]:
 def simulate(path, target, data, samples, compare, dt_s, timesteps, device, loihi2_pj_per_op, runs_dir, as_json,
              quiet):
     """Run an exported file (PATH: a .nir/.net file or a run directory; default: the latest run)."""
+    from stars_deploy.devices import resolve_device
     from stars_deploy.targets.simulate import simulate as run_simulation
 
     quiet_if(quiet)
+    resolve_device(device)  # before any file is read
     summary = run_simulation(run_dir_or_latest(path, runs_dir), target, data, samples, compare, dt_s=dt_s,
                              timesteps=timesteps, device=device, loihi2_pj_per_op=loihi2_pj_per_op)
     energy = summary["energy_per_sample"] or {}
