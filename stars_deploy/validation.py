@@ -4,7 +4,8 @@ Two checks, both raising :class:`ConfigError` with the field named:
 
 - :func:`check_record` on a frozen dataclass the library just built (from options, a pipeline
   file or a stored manifest): integers where integers are due (``True`` and 1.7 are not),
-  every float finite (NaN and infinities are never a valid rate, time or weight), strings
+  every float finite (NaN and infinities are never a valid rate, time or weight) and within
+  float32's range (the tensors it scales are float32: --kd-lr 1e300 overflows in Adam), strings
   where strings are due;
 - :func:`check_table` on a plain dict that is about to become such a record (a run
   manifest's ``config``): the same rules, plus unknown keys, nested tables and lists.
@@ -24,6 +25,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 NONE_TYPE = type(None)
+FLOAT32_MAX = 3.4028234663852886e38  # the tensors are float32: a larger setting overflows in them
 
 
 def _alternatives(hint: Any) -> tuple[Any, ...]:
@@ -56,7 +58,9 @@ def _problem_one(hint: Any, value: Any) -> str | None:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return "is not a number"
-        return None if math.isfinite(value) else "is not a finite number"
+        if not math.isfinite(value):
+            return "is not a finite number"
+        return None if abs(value) <= FLOAT32_MAX else f"is beyond float32's range (+-{FLOAT32_MAX:.3g})"
     if hint is str:
         return None if isinstance(value, str) else "is not a string"
     if dataclasses.is_dataclass(hint):

@@ -11,8 +11,8 @@ from stars_deploy.targets.gates import GATES, GATE_FAILED
 from stars_deploy.targets.registry import target_names
 from stars_deploy.units import percent
 
-from .common import (LazyChoice, TopicCommand, device_option, emit, inside_working_directory, option,
-                     output_options, quiet_if, run_dir_or_latest, runs_dir_option, table)
+from .common import (FiniteFloatRange, LazyChoice, TopicCommand, device_option, emit, inside_working_directory,
+                     option, output_options, quiet_if, run_dir_or_latest, runs_dir_option, table)
 
 
 def _format(value) -> str:
@@ -35,10 +35,10 @@ def print_gates(result: dict) -> None:
 
 def gate_options(function):
     """The gate limits as options (None: not given, so the config file's limit or no gate),
-    with their ranges checked by click (a fraction outside 0..1 is a usage error)."""
+    with their ranges checked by click (a fraction outside 0..1, or NaN, is a usage error)."""
     for gate in reversed(list(GATES.values())):
         flag = "--" + gate.name.replace("_", "-")
-        kind = click.FloatRange(gate.low, gate.high) if gate.kind is float else click.IntRange(gate.low, gate.high)
+        kind = FiniteFloatRange(gate.low, gate.high) if gate.kind is float else click.IntRange(gate.low, gate.high)
         function = option(flag, gate.name, type=kind, default=None, topic="Gates", show_default="no gate",
                           help=f"{'Lowest' if gate.minimum else 'Highest'} allowed {gate.description}.")(function)
     return function

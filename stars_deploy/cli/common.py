@@ -96,6 +96,22 @@ def inside_working_directory(path: Path, option: str) -> Path:
 
 
 # ---- options --------------------------------------------------------------------------------
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, which lets NaN through (every comparison with NaN is false), with
+    NaN and infinities refused."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE_FLOAT = FiniteFloatRange()
+POSITIVE_FLOAT = FiniteFloatRange(min=0.0, min_open=True)
+
 class TopicOption(click.Option):
     """A click option with a help topic and hidden old spellings: ``aliases`` parse like the
     option's own flags but are left out of ``--help``."""

@@ -379,18 +379,19 @@ class Distillation:
                            "round" if config.rounds else "s")
         bar.update(self.round_index if config.rounds else min(self.elapsed_s, config.budget_s))
         self.student.train()
-        while self.budget.progress(self.round_index, self.elapsed_s) < 1.0:
-            round_s = self.round()
-            record = self.history[-1]
-            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("kd_loss", "student_accuracy") if k in record})
-            bar.update(1 if config.rounds else min(round_s, max(0.0, config.budget_s - bar.n)))
-            stop = self.stops is not None and self.stops.requested
-            if self.round_index % config.checkpoint_every == 0 or stop:
-                self.checkpoint()
-            if stop and self.budget.progress(self.round_index, self.elapsed_s) < 1.0:
-                bar.close()
-                self._interrupt(self.stops.signum)
-        bar.close()
+        try:
+            while self.budget.progress(self.round_index, self.elapsed_s) < 1.0:
+                round_s = self.round()
+                record = self.history[-1]
+                bar.set_postfix({k: f"{record[k]:.3f}" for k in ("kd_loss", "student_accuracy") if k in record})
+                bar.update(1 if config.rounds else min(round_s, max(0.0, config.budget_s - bar.n)))
+                stop = self.stops is not None and self.stops.requested
+                if self.round_index % config.checkpoint_every == 0 or stop:
+                    self.checkpoint()
+                if stop and self.budget.progress(self.round_index, self.elapsed_s) < 1.0:
+                    self._interrupt(self.stops.signum)
+        finally:
+            bar.close()  # before any message: a bar cleared later would follow the one-line error
         self.checkpoint()
 
     def _interrupt(self, signum: int) -> None:
@@ -436,14 +437,18 @@ class Distillation:
 
     def _check_synthesis(self, images: torch.Tensor) -> None:
         """Refuse a synthetic batch whose loss terms or pixels are not finite, before it
-        reaches the pool."""
-        bad = [f"l_{name}" for name, value in self.last_terms.items() if not math.isfinite(value)]
+        reaches the pool. The terms are the batch's last step; each is named with its weight,
+        because a finite term times a huge weight is the usual way in."""
+        synthesis = self.config.synthesis
+        bad = [name for name, value in self.last_terms.items()
+               if not math.isfinite(value) and getattr(synthesis, f"l_{name}", 1.0) > 0]  # 0-weighted: not in L_syn
         if bad or not bool(torch.isfinite(images).all()):
-            what = f"the synthesis loss term {', '.join(bad)} became NaN or infinite" if bad else \
+            named = ", ".join(f"l_{name} (weight --l-{name} {getattr(synthesis, f'l_{name}'):g})" for name in bad)
+            what = f"the synthesis loss term(s) {named} became NaN or infinite" if bad else \
                 "the synthetic images became NaN or infinite"
             raise TrainingDiverged(f"round {self.round_index + 1}: {what}; training stopped and nothing of this "
-                                   "round was saved. Lower --synthesis-lr or the term's weight "
-                                   f"({', '.join('--' + b.replace('_', '-') for b in bad) or '--l-bn'}) in a new run")
+                                   "round was saved. Check the teacher (does it overflow on random images?), or lower --synthesis-lr "
+                                   "or the largest term weight, in a new run")
 
     def _check_kd(self) -> None:
         """Refuse a round whose KD loss terms were not finite at some step (flags kept on the
