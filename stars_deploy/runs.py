@@ -50,7 +50,11 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     """RUN_DIR/manifest.json, checked against the schema above; a CheckpointError names the
     file and the key that is missing or wrong."""
     path = Path(run_dir) / MANIFEST
-    manifest = read_json(path, "run manifest")
+    try:
+        manifest = read_json(path, "run manifest")
+    except (UnicodeDecodeError, RecursionError) as exc:  # bytes that are not UTF-8; absurdly deep nesting
+        raise CheckpointError(f"run manifest {path} is not readable JSON text ({type(exc).__name__}); restore it "
+                              "or distil the run again") from None
 
     def refuse(problem: str):
         raise CheckpointError(f"run manifest {path}: {problem}; it was not written by stars-deploy distill or "
@@ -82,6 +86,33 @@ def open_run(run_dir: Path, older_than_s: float = ORPHAN_AGE_S) -> list[Path]:
     run_dir = Path(run_dir)
     return [orphan for folder in (run_dir, run_dir / POOL_DIR, run_dir / EXPORT_DIR)
             for orphan in remove_orphans(folder, older_than_s)]
+
+
+def content_digest(payload: Any) -> str:
+    """SHA-256 over a nested payload of dicts, lists, tensors and plain values, in a fixed order
+    (dict keys sorted; tensors as dtype, shape and bytes): what a checkpoint stores of itself,
+    so that a bit flip that still unpickles is caught."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)}|".encode())
+            for key in sorted(value, key=repr):
+                digest.update(f"{key!r}:".encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}|".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"V{value!r}|".encode())
+
+    feed(payload)
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:

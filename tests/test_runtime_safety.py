@@ -28,6 +28,7 @@ from stars_deploy.evaluation import accuracy
 from stars_deploy.fileio import DiskFullError, save_torch, write_bytes, write_json
 from stars_deploy.layout import CHECKPOINT, DISTILL, MANIFEST, STUDENT
 from stars_deploy.pipeline import run_pipeline
+from stars_deploy.runs import content_digest
 from stars_deploy.teachers import TeacherSpec, build_teacher, load_teacher
 
 NO_CUDA = not torch.cuda.is_available()
@@ -314,6 +315,7 @@ CHECKPOINT_CASES = {
     "rng garbage": (lambda c: c["rng"].update(cpu=torch.zeros(3, dtype=torch.uint8)), "key 'rng' does not fit"),
     "not a dict": (lambda c: c.clear() or c.update(format="stars-deploy/checkpoint-v1"), "key 'round' is missing"),
 }
+RESEALED = ("student of another shape", "student nan", "foreign optimizer", "rng garbage")  # digest recomputed
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
@@ -324,12 +326,26 @@ def test_a_broken_checkpoint_is_one_line_and_the_run_is_left_alone(case, unfinis
     edit, expected = CHECKPOINT_CASES[case]
     broken = copy.deepcopy(checkpoint)
     edit(broken)
+    if case in RESEALED:  # consistent but wrong (another configuration's file): the deeper checks answer
+        broken["sha256"] = content_digest({key: value for key, value in broken.items() if key != "sha256"})
     torch.save(broken, copy_dir / CHECKPOINT)
     before = sorted(p.name for p in copy_dir.iterdir())
     code, _, err = run_main(capsys, "distill", "--resume", copy_dir)
     line = assert_one_line(code, err, expected)
     assert str(copy_dir / CHECKPOINT) in line
     assert sorted(p.name for p in copy_dir.iterdir()) == before  # a resumed run is never removed
+
+
+def test_a_flipped_bit_that_still_loads_is_caught_by_the_checkpoint_digest(unfinished_run, capsys, tmp_path):
+    run, checkpoint = unfinished_run
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run, copy_dir)
+    flipped = copy.deepcopy(checkpoint)
+    weight = next(v for v in flipped["student"].values() if v.is_floating_point())
+    weight.view(torch.int32).view(-1)[0] ^= 1 << 20  # one bit of one weight: still a valid float
+    torch.save(flipped, copy_dir / CHECKPOINT)
+    code, _, err = run_main(capsys, "distill", "--resume", copy_dir)
+    assert_one_line(code, err, "its content does not match its sha256 (a bit flipped, or it was edited)")
 
 
 def test_resume_refuses_a_finished_run_and_a_file(capsys, tmp_path, digits_run_dir):

@@ -92,6 +92,8 @@ class DistillConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.b_rca >= 0:
             raise ConfigError(f"--b-rca must be >= 0, got {self.b_rca}")
+        if not self.student.lif.surrogate_alpha > 0:
+            raise ConfigError(f"--surrogate-alpha must be positive, got {self.student.lif.surrogate_alpha}")
         if self.student.depth > MAX_DEPTH:
             raise ConfigError(f"--depth {self.student.depth}: at most {MAX_DEPTH} layers")
         if not 0 <= self.seed <= MAX_SEED:

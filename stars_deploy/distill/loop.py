@@ -53,8 +53,8 @@ from stars_deploy.fileio import fit_state_dict, load_torch, save_torch, write_js
 from stars_deploy.interrupt import HardStop, Interrupted, StopSignals, signal_name
 from stars_deploy.layout import CHECKPOINT, DISTILL, MANIFEST, POOL_DIR, STUDENT
 from stars_deploy.progress import log, progress_bar
-from stars_deploy.runs import (COMPLETE, INTERRUPTED, RUN_FORMAT, RUNNING, check_run_name, new_run_dir, open_run,
-                               read_manifest, sha256_file, timestamp, versions)
+from stars_deploy.runs import (COMPLETE, INTERRUPTED, RUN_FORMAT, RUNNING, check_run_name, content_digest,
+                               new_run_dir, open_run, read_manifest, sha256_file, timestamp, versions)
 from stars_deploy.students import build_student, save_student
 from stars_deploy.students.neurons import resolve_lif_kernel, set_lif_kernel
 from stars_deploy.teachers import Normalizer, load_teacher
@@ -75,7 +75,8 @@ LR_FLOOR = 0.05  # the cosine schedule ends at this fraction of the initial lear
 # The checkpoint's schema (format stars-deploy/checkpoint-v1): key -> what it must hold.
 CHECKPOINT_KEYS = {"format": str, "round": int, "elapsed_s": float, "student": dict, "optimizer": dict,
                    "pool": list, "history": list, "timings": dict, "rng": dict}
-OPTIONAL_CHECKPOINT_KEYS = {"world_size": int, "synthesizer": dict, "other_ranks": list}
+OPTIONAL_CHECKPOINT_KEYS = {"world_size": int, "synthesizer": dict, "other_ranks": list, "sha256": str}
+DIGEST_KEY = "sha256"  # runs.content_digest of every other key: a flipped bit that still unpickles is refused
 OUT_OF_MEMORY = ("can't allocate memory", "out of memory")  # the allocators' words (CPU, CUDA)
 
 
@@ -361,11 +362,12 @@ class Distillation:
         states = self.group.gather({"rng": _rng_state(), "synthesizer": self.synthesizer.state_dict()})
         if self.main:
             self.pool.flush()
-            save_torch(self.run_dir / CHECKPOINT, {
+            payload = {
                 "format": CHECKPOINT_FORMAT, "round": self.round_index, "elapsed_s": self.elapsed_s,
                 "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "pool": self.pool.state(), "history": self.history, "timings": self.timings,
-                "world_size": self.group.world_size, **states[0], "other_ranks": states[1:]})
+                "world_size": self.group.world_size, **states[0], "other_ranks": states[1:]}
+            save_torch(self.run_dir / CHECKPOINT, {**payload, DIGEST_KEY: content_digest(payload)})
         self.checkpointed_round = self.round_index
         self.timings["checkpoint_s"] += time.perf_counter() - begin
 
@@ -568,3 +570,7 @@ def check_checkpoint(checkpoint, path: Path) -> None:
         refuse("key 'timings' must hold finite seconds")
     if not isinstance(checkpoint["rng"].get("cpu"), torch.Tensor):
         refuse("key 'rng' holds no CPU generator state")
+    if DIGEST_KEY in checkpoint:  # checkpoints before the digest have none: their schema is all there is
+        content = {key: value for key, value in checkpoint.items() if key != DIGEST_KEY}
+        if content_digest(content) != checkpoint[DIGEST_KEY]:
+            refuse("its content does not match its sha256 (a bit flipped, or it was edited)")
