@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .errors import CheckpointError, ConfigError
 from .fileio import read_json, remove_orphans
 from .layout import EXPORT_DIR, MANIFEST, POOL_DIR, STUDENT
@@ -71,9 +71,9 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     processes = manifest.get("processes", 1)
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         refuse(f"key 'processes' is {processes!r}, expected an integer >= 1")
-    for key in _OPTIONAL_STRINGS:
-        if key in manifest and not isinstance(manifest[key], str):
-            refuse(f"key {key!r} is {manifest[key]!r}, expected a string")
+    for key in _OPTIONAL_STRINGS:  # null where there is none (a teacher that holds its own weights)
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            refuse(f"key {key!r} is {manifest[key]!r}, expected a string or null")
     dt_s = manifest.get("dt_s", 1.0)
     if isinstance(dt_s, bool) or not isinstance(dt_s, (int, float)) or not math.isfinite(dt_s) or dt_s <= 0:
         refuse(f"key 'dt_s' is {dt_s!r}, expected a positive number of seconds")

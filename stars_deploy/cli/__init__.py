@@ -20,7 +20,7 @@ import sys
 
 import click
 
-from stars_deploy import __version__
+from stars_deploy.version import __version__
 from stars_deploy.errors import StarsDeployError
 from stars_deploy.interrupt import Interrupted
 from stars_deploy.progress import set_quiet, set_verbose, verbose

@@ -9,6 +9,7 @@ import click
 
 from stars_deploy.targets.gates import GATES, GATE_FAILED
 from stars_deploy.targets.registry import target_names
+from stars_deploy.targets.report import FORMATS
 from stars_deploy.units import percent
 
 from .common import (FiniteFloatRange, LazyChoice, TopicCommand, device_option, emit, inside_working_directory,
@@ -91,17 +92,24 @@ def check(ctx, run_dir, target, data, samples, config, rerun, junit_xml, device,
         help="For targets not simulated yet: digits, a .npz file or a CIFAR folder.")
 @option("--samples", type=click.IntRange(min=1), default=None, topic="Evaluation", show_default="all",
         help="Only the first N images, for targets not simulated yet.")
+@option("--format", "report_format", type=click.Choice(FORMATS), default="html", topic="Output",
+        help="html: RUN_DIR/report.html with plots; md: RUN_DIR/report.md, a short summary for a pull-request "
+             "comment, also printed on stdout.")
 @device_option()
 @runs_dir_option
 @output_options
-def report(run_dir, data, samples, device, runs_dir, as_json, quiet):
-    """Write RUN_DIR/report.html (self-contained, PNG plots) and RUN_DIR/plots/ (default: the latest run)."""
+def report(run_dir, data, samples, report_format, device, runs_dir, as_json, quiet):
+    """Write RUN_DIR/report.html (self-contained, plots as PNG and SVG under RUN_DIR/plots/), or with
+    --format md a Markdown summary (default: the latest run)."""
     from stars_deploy.devices import resolve_device
     from stars_deploy.targets.report import write_report
 
     quiet_if(quiet)
     resolve_device(device)  # before any work, also when every target's result is stored
-    payload = write_report(run_dir_or_latest(run_dir, runs_dir), data, samples, device)
+    payload = write_report(run_dir_or_latest(run_dir, runs_dir), data, samples, device, format=report_format)
+    if report_format == "md" and not as_json:
+        click.echo(payload["markdown"], nl=False)
+        return
     emit(payload, as_json, [("report", payload["report"]), ("plots", ", ".join(payload["plots"]) or "none"),
                             ("targets", ", ".join(payload["targets"]) or "none")])
 

@@ -77,6 +77,10 @@ def _all_compares() -> list[str]:
         help="digits, a .npz file or a CIFAR folder.")
 @option("--samples", type=click.IntRange(min=1), default=None, topic="Evaluation", show_default="all",
         help="Only the first N images.")
+@option("--inputs", "inputs", type=click.Path(path_type=Path, dir_okay=False), default=None, topic="Evaluation",
+        show_default="none: images from --data",
+        help="An .npz with the inputs themselves: 'inputs' (N, ...) or 'sequences' (N, T, ...), optional 'labels' "
+             "(README, Loihi); how a netx file from another tool is fed.")
 @option("--compare", type=LazyChoice(_all_compares), default=None, topic="Evaluation",
         show_default="student inside a run, else none",
         help="What to compare with: the run's folded student, another target on the same export, or none.")
@@ -89,8 +93,8 @@ def _all_compares() -> list[str]:
         help="Energy per synaptic op or neuron update on Loihi 2, in pJ (no primary figure is published).")
 @runs_dir_option
 @output_options
-def simulate(path, target, data, samples, compare, dt_s, timesteps, device, loihi2_pj_per_op, runs_dir, as_json,
-             quiet):
+def simulate(path, target, data, samples, inputs, compare, dt_s, timesteps, device, loihi2_pj_per_op, runs_dir,
+             as_json, quiet):
     """Run an exported file (PATH: a .nir/.net file or a run directory; default: the latest run)."""
     from stars_deploy.devices import resolve_device
     from stars_deploy.targets.simulate import simulate as run_simulation
@@ -98,7 +102,7 @@ def simulate(path, target, data, samples, compare, dt_s, timesteps, device, loih
     quiet_if(quiet)
     resolve_device(device)  # before any file is read
     summary = run_simulation(run_dir_or_latest(path, runs_dir), target, data, samples, compare, dt_s=dt_s,
-                             timesteps=timesteps, device=device, loihi2_pj_per_op=loihi2_pj_per_op)
+                             timesteps=timesteps, device=device, loihi2_pj_per_op=loihi2_pj_per_op, inputs=inputs)
     energy = summary["energy_per_sample"] or {}
     rows = [("target", summary["target"]), ("samples", str(summary["samples"])),
             ("accuracy", percent(summary["accuracy"])),

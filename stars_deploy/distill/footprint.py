@@ -12,6 +12,9 @@ one image, T timesteps, B the synthetic batch, b the KD minibatch (4 bytes per f
     pool        = min(--pool-memory-mb, rounds x processes x B x 4 X)   (one batch without --rounds)
     needed      = parameters + pool + max(KD step, synthesis)
 
+A teacher from a factory or a .pt2 program (not a named architecture) is not built twice
+to be measured: its terms count as 0, so only the student side is checked for it.
+
 COPIES_S = 2 and COPIES_T = 1.5 copies of each activation are kept for the backward pass.
 Measured peak memory over these estimates (CPU, one KD step or one synthesis step with Adam,
 2026-12-02): convnet students on digits and CIFAR shapes (T 4-16, b 128-512) 2.3-4.4 times
@@ -50,13 +53,13 @@ def estimate(config: DistillConfig, processes: int = 1) -> dict[str, int]:
     one_step = student_config.with_timesteps(1)
     try:
         student_params = parameter_count(on_meta(lambda: build_student(student_config)))
-        teacher_params = parameter_count(on_meta(lambda: build_teacher(spec)))
+        teacher_params = parameter_count(on_meta(lambda: build_teacher(spec))) if spec.named else 0
     except (RuntimeError, TypeError, ValueError, OverflowError) as exc:  # sizes torch cannot even describe
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"the student or teacher cannot be built at this size ({reason[:200]}): {ADVICE}") from None
     try:
         student_acts = activation_elements(lambda: build_student(one_step), spec.input_shape)
-        teacher_acts = activation_elements(lambda: build_teacher(spec), spec.input_shape)
+        teacher_acts = activation_elements(lambda: build_teacher(spec), spec.input_shape) if spec.named else 0
     except Exception as exc:  # a family that cannot run on the meta device: parameters only
         debug(f"memory estimate without activations ({type(exc).__name__}: {exc})")
         student_acts = teacher_acts = 0

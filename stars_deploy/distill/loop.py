@@ -59,7 +59,7 @@ from stars_deploy.students import build_student, save_student
 from stars_deploy.students.neurons import resolve_lif_kernel, set_lif_kernel
 from stars_deploy.teachers import Normalizer, load_teacher
 from stars_deploy.teachers.spec import check_finite_weights
-from stars_deploy.teachers.training import ensure_default_teacher
+from stars_deploy.teachers.training import teacher_weights
 
 from .augment import train_augment
 from .config import DistillConfig, config_from_manifest
@@ -259,7 +259,7 @@ class Distillation:
         the order that makes the RNG draws of a run (and of a resumed one) the same."""
         config, group, spec = self.config, self.group, self.config.teacher
         with group.local_leader_first():  # one teacher training per machine, the others wait for it
-            self.weights = Path(spec.weights) if spec.weights else ensure_default_teacher()
+            self.weights = teacher_weights(spec)
         # seeded after the teacher: training one (a fresh cache) seeds torch itself, and a run
         # must draw the same whether its teacher was cached or trained just now
         torch.manual_seed(config.seed + group.rank)  # rank 0 draws exactly what a single process draws
@@ -300,16 +300,17 @@ class Distillation:
         host = GeneratorSynthesizer if config.synthesis.method == "generator" else PixelSynthesizer
         extra = {"input_shape": spec.input_shape, "device": device} if host is GeneratorSynthesizer else {}
         self.synthesizer = host(self.teacher, self.normalizer, config.synthesis, spec.num_classes,
-                                spec.architecture.hflip, **extra)
+                                spec.flips, **extra)
         self.low = self.normalizer.bounds()[0].to(device)
-        self.flip = spec.architecture.hflip
+        self.flip = spec.flips
         self.budget = Budget(config.rounds, config.budget_s)
 
     def _write_manifest(self) -> None:
         config = self.config
         write_json(self.run_dir / MANIFEST, {
             "format": RUN_FORMAT, "created": timestamp(), "versions": versions(), "config": config.to_dict(),
-            "teacher_weights": str(self.weights), "teacher_sha256": sha256_file(self.weights),
+            "teacher_weights": str(self.weights) if self.weights else None,
+            "teacher_sha256": sha256_file(self.weights) if self.weights else None,
             vocabulary.DT_KEY: config.student.lif.dt_s, "reset": vocabulary.RESET,
             "integrator": vocabulary.INTEGRATOR, "layout": vocabulary.LAYOUT, "encoding": vocabulary.ENCODING,
             "device": str(self.device), "processes": self.group.world_size, "status": RUNNING})
