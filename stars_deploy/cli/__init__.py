@@ -22,7 +22,7 @@ import click
 
 from stars_deploy.version import __version__
 from stars_deploy.errors import StarsDeployError
-from stars_deploy.interrupt import Interrupted
+from stars_deploy.interrupt import HardStop, Interrupted, exit_code, signal_name
 from stars_deploy.progress import set_quiet, set_verbose, verbose
 
 from .ci import check, pipeline, report
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message(), as_json, exc.exit_code)
     except Interrupted as exc:
         _fail(str(exc), as_json, exc.exit_code)
+    except HardStop as stop:  # a third signal while the second one's message was being made
+        _fail(f"stopped by {signal_name(stop.signum)}", as_json, exit_code(stop.signum))
     except StarsDeployError as exc:
         _fail(str(exc), as_json)
     except Exception as exc:

@@ -231,6 +231,8 @@ class Distillation:
         return False
 
     def _kept(self, kept: bool, resumable: bool) -> str:
+        if self.run_dir is None:
+            return "nothing was saved (no run directory had been made)"
         if not kept:
             return "nothing was saved and the run directory was removed"
         if not (self.run_dir / CHECKPOINT).is_file():
