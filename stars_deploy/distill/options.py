@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from stars_deploy.errors import ConfigError
+from stars_deploy.runs import check_run_name
 from stars_deploy.students import FAMILIES
 from stars_deploy.students.neurons import LIF_KERNELS, SURROGATES, LIFConfig
 from stars_deploy.teachers import ARCHITECTURES, NORMALIZATIONS, TeacherSpec
@@ -220,6 +221,20 @@ def options_from_table(table: dict, where: str) -> dict[str, Any]:
                               "without their dashes (except json, quiet and resume)")
         values[option.name] = check_value(option, value, where)
     return values
+
+
+def check_run_options(runs_dir: Path | None, run_name: str | None, where: str | None = None) -> None:
+    """Where a run will be written, checked before any work: the name is one directory name;
+    a pipeline file (``where`` names it) may only put its runs inside the directory it is run
+    from (relative, no '..'): a CI config must not write elsewhere. On the command line any
+    --runs-dir is the user's own choice."""
+    if run_name is not None:
+        check_run_name(run_name, f"{where}: name" if where else "--name")
+    if where is not None and runs_dir is not None:
+        path = Path(runs_dir)
+        if path.is_absolute() or ".." in path.parts:
+            raise ConfigError(f"{where}: runs-dir = {str(runs_dir)!r}: a pipeline file may only name a folder "
+                              "inside the directory it runs in (relative, no '..')")
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:

@@ -6,6 +6,7 @@ input shape, class names), stored in every run manifest; :func:`load_teacher` re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,8 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from stars_deploy.errors import ConfigError
+from stars_deploy.errors import CheckpointError, ConfigError
 from stars_deploy.fileio import fit_state_dict, load_torch
+from stars_deploy.memory import on_meta, parameter_count, require
 
 from .adapters import ClassifierTeacher, check_teacher, program_teacher
 from .models import CIFAR10_CLASSES, DIGITS_CLASSES, CifarResNet, DigitsCNN
@@ -65,7 +67,9 @@ def parse_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]
             f"--normalization {text!r} is neither a preset ({', '.join(NORMALIZATIONS)}) "
             "nor 'mean1,mean2,.../std1,std2,...'"
         ) from None
-    if len(mean) != len(std) or any(s <= 0 for s in std):
+    if not all(math.isfinite(v) for v in mean + std):
+        raise ConfigError(f"--normalization {text!r}: every mean and std must be a finite number")
+    if len(mean) != len(std) or not all(s > 0 for s in std):
         raise ConfigError(f"--normalization {text!r}: mean and std need the same length and std > 0")
     return mean, std
 
@@ -95,7 +99,7 @@ class TeacherSpec:
             raise ConfigError(
                 f"unknown teacher architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}, "
                 "or give package.module:function or a .pt2 file")
-        if self.num_classes < 2:
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ConfigError(f"--num-classes must be at least 2, got {self.num_classes}")
         if self.shape is not None:
             object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -170,6 +174,16 @@ def build_teacher(spec: TeacherSpec) -> nn.Module:
     return spec.architecture.build(spec.num_classes, spec.input_shape[0])
 
 
+def check_finite_weights(model: nn.Module, source: str) -> None:
+    """Every floating-point parameter and buffer of ``model`` finite, or a CheckpointError naming
+    the first tensor that holds NaN or an infinity (a teacher with one computes NaN everywhere)."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{source}: {name} holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                                  "the checkpoint is broken (a diverged training?): use another one")
+
+
 def _source_teacher(spec: TeacherSpec, weights: Path | None) -> nn.Module:
     """A teacher from a factory, a program or a held module, with penultimate/head, checked."""
     if spec.arch == PROGRAM:
@@ -187,12 +201,17 @@ def _source_teacher(spec: TeacherSpec, weights: Path | None) -> nn.Module:
 
 def load_teacher(spec: TeacherSpec, weights: Path | None) -> nn.Module:
     """The spec's teacher, eval mode, frozen: a named architecture built and ``weights`` loaded
-    with ``weights_only=True``, or a classifier from another source (sources.py)."""
+    with ``weights_only=True``, or a classifier from another source (sources.py). NaN or
+    infinite weights are refused, naming the tensor; a named architecture too large for memory
+    (``--num-classes 10**9``) is refused before it is allocated."""
     if spec.named:
+        require(4 * parameter_count(on_meta(lambda: build_teacher(spec))), torch.device("cpu"),
+                f"teacher {spec.arch} with {spec.num_classes} classes", "check --num-classes")
         model = build_teacher(spec)
         fit_state_dict(model, load_torch(weights, "teacher checkpoint"), f"teacher checkpoint {weights}")
     else:
         model = _source_teacher(spec, weights if spec.arch != PROGRAM else None)
+    check_finite_weights(model, f"teacher checkpoint {weights or spec.weights or spec.factory}")
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
