@@ -26,6 +26,7 @@ REPORT_MD = "report.md"
 PLOTS_DIR = "plots"
 SIMULATION_PREFIX = "simulate-"
 CHECK_PREFIX = "check-"
+SNAPSHOT_DIR = "snapshots"
 
 
 def simulation_file(run_dir: Path, target: str) -> Path:
@@ -40,3 +41,8 @@ def export_dir(run_dir: Path) -> Path:
 def check_file(run_dir: Path, target: str) -> Path:
     """Where ``check --target TARGET`` stores its last gates inside a run (the report shows them)."""
     return Path(run_dir) / f"{CHECK_PREFIX}{target}.json"
+
+
+def snapshot_file(run_dir: Path, elapsed_s: float) -> Path:
+    """The student as it stood after ``elapsed_s`` seconds of distillation (--snapshot-every-s)."""
+    return Path(run_dir) / SNAPSHOT_DIR / f"student-{elapsed_s:g}s.pt"

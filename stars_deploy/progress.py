@@ -37,9 +37,10 @@ def log(message: str) -> None:
 
 
 def progress_bar(total: float | None, description: str, unit: str) -> tqdm:
-    """A tqdm bar on stderr; hidden when quiet."""
+    """A tqdm bar on stderr; hidden when quiet or when stderr is not a terminal."""
     # a budget in seconds advances by fractions: show whole seconds, not 89.70065362599416/90.0
     bar_format = "{l_bar}{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}<{remaining}{postfix}]" \
         if unit == "s" else None
-    return tqdm(total=total, desc=description, unit=unit, file=sys.stderr, disable=_quiet,
+    # a bar is for a person watching: in a log (stderr not a terminal) its \r frames are noise
+    return tqdm(total=total, desc=description, unit=unit, file=sys.stderr, disable=_quiet or not sys.stderr.isatty(),
                 dynamic_ncols=True, leave=False, bar_format=bar_format)

@@ -54,11 +54,13 @@ def _checkpoint_round(path):
         return -1
 
 
-@pytest.mark.parametrize("synthesizer", ["pixel", "generator"])
+@pytest.mark.parametrize("synthesizer", ["pixel", "generator", "twin"])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, digits_teacher, synthesizer):
-    # the generator host's weights and meta optimiser live in the checkpoint too
-    args = ["--rounds", "12", "--checkpoint-every", "1", "--no-eval", "--seed", "3", *SMALL,
-            "--synthesizer", synthesizer]
+    # the generator host's weights and meta optimiser live in the checkpoint too; the twin
+    # strategy is killed in its synthesis phase (rounds 1-6 of 12) and resumes into its KD phase
+    host = ["--strategy", "twin", "--synthesis-fraction", "0.5", "--no-compile-student"] \
+        if synthesizer == "twin" else ["--synthesizer", synthesizer]
+    args = ["--rounds", "12", "--checkpoint-every", "1", "--no-eval", "--seed", "3", *SMALL, *host]
     reference = cli(*args, "--runs-dir", str(tmp_path / "a"), "--name", "run", cwd=tmp_path)
     victim = cli(*args, "--runs-dir", str(tmp_path / "b"), "--name", "run", cwd=tmp_path)
     checkpoint = tmp_path / "b" / "run" / "checkpoint.pt"
@@ -82,7 +84,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, digits_teacher, synthe
     for key in a:
         assert torch.equal(a[key], b[key]), key
     summary = json.loads(out)
-    assert summary["rounds"] == 12 and summary["synthetic_images"] == 12 * 64
+    synthesis_rounds = 6 if synthesizer == "twin" else 12  # the twin synthesises in half of its rounds
+    assert summary["rounds"] == 12 and summary["synthetic_images"] == synthesis_rounds * 64
     history = json.loads((tmp_path / "b" / "run" / "distill.json").read_text())["history"]
     assert [h["round"] for h in history] == list(range(1, 13))
 
@@ -134,3 +137,38 @@ def test_a_run_from_an_empty_teacher_cache_draws_what_a_cached_run_draws(tmp_pat
     a = torch.load(Path(cached["run_dir"]) / "student.pt", weights_only=True)["state_dict"]
     b = torch.load(Path(fresh["run_dir"]) / "student.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+
+def test_the_twin_strategy_synthesises_first_then_trains_the_twin(tmp_path, digits_teacher):
+    from stars_deploy.distill import distill
+
+    config = make_config(rounds=8, kd_steps=3, strategy="twin", synthesis_fraction=0.5, compile_student=False,
+                         synthesis={"batch_size": 16, "steps": 3}, eval_data="digits", eval_every=4,
+                         snapshot_every_s=1e-3)
+    summary = distill(config, runs_dir=tmp_path)
+    history = json.loads((Path(summary["run_dir"]) / "distill.json").read_text())["history"]
+    assert [h["phase"] for h in history] == ["synthesis"] * 4 + ["kd"] * 4
+    assert [h["synthetic_images"] for h in history] == [16, 32, 48, 64] + [64] * 4
+    assert "kd_loss" not in history[3] and "kd_loss" in history[4]
+    assert summary["kd_images"] == 4 * 3 * config.kd_batch_size and summary["strategy"] == "twin"
+    assert config.synthesis.init == "smooth" and config.kd_mix == "both"  # the twin's defaults, not given
+    snapshots = sorted((Path(summary["run_dir"]) / "snapshots").glob("student-*s.pt"))
+    assert len(snapshots) >= 8  # one per round at least: every round takes more than a millisecond
+    assert 0 <= summary["student_accuracy"] <= 1
+
+
+def test_auto_strategy_depends_on_the_student_and_the_image_size():
+    from stars_deploy.teachers import TeacherSpec
+
+    assert make_config().strategy == "direct"  # 8x8 digits
+    cifar = TeacherSpec(arch="cifar_resnet20", weights="w.th")
+    config = make_config(teacher=cifar, budget_s=60)
+    assert config.strategy == "twin" and config.synthesis.steps == 200 and config.synthesis.init == "smooth"
+    assert config.kd_steps == 50 and config.channels_last and config.compile_student
+    explicit = make_config(teacher=cifar, budget_s=60, kd_steps=7, synthesis={"steps": 20}, channels_last=False)
+    assert explicit.kd_steps == 7 and explicit.synthesis.steps == 20 and not explicit.channels_last
+    assert make_config(teacher=cifar, budget_s=60, student={"family": "resnet", "depth": 8}).strategy == "direct"
+    assert make_config(teacher=cifar, budget_s=60, lif={"tau_syn_steps": 3.0}).strategy == "direct"
+    with pytest.raises(ConfigError, match="the resnet student has no rate twin"):
+        make_config(teacher=cifar, budget_s=60, student={"family": "resnet", "depth": 8}, strategy="twin")

@@ -189,11 +189,16 @@ def schema_options(specs: Sequence[Option]):
     def decorate(function):
         for spec in reversed(specs):
             flags = [f"--{spec.flag}"] + ([spec.short] if spec.short else [])
-            kwargs = {"is_flag": True, "default": spec.default} if spec.kind is bool else \
-                {"type": click_type(spec), "default": spec.default}
+            if spec.kind is bool and spec.default is None:  # three states: on, off, or the library decides
+                flags[0] = f"--{spec.flag}/--no-{spec.flag}"
+                kwargs = {"default": None}
+            elif spec.kind is bool:
+                kwargs = {"is_flag": True, "default": spec.default}
+            else:
+                kwargs = {"type": click_type(spec), "default": spec.default}
+            shown = spec.show_default if spec.kind is not bool or spec.default is None else False
             function = option(*flags, spec.name, topic=spec.group, aliases=spec.aliases, help=spec.help,
-                              show_default=spec.show_default if spec.kind is not bool else False,
-                              **kwargs)(function)
+                              show_default=shown, **kwargs)(function)
         return function
     return decorate
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from stars_deploy.devices import DEVICE_CHOICES
+from stars_deploy.devices import DEVICE_CHOICES, fast_bf16
 from stars_deploy.errors import CheckpointError, ConfigError
 from stars_deploy.layout import MANIFEST
 from stars_deploy.runs import read_manifest
@@ -20,6 +20,7 @@ from stars_deploy.students.neurons import LIF_KERNELS, LIFConfig
 from stars_deploy.teachers import TeacherSpec
 from stars_deploy.validation import check_record, check_table
 
+from .augment import MIX_MODES
 from .generator import GENERATOR_STEPS, GENERATOR_Z_LR
 from .synthesis import SynthesisConfig
 
@@ -46,6 +47,16 @@ MAX_DEPTH = 1202
 # Record fields known to users by another flag (the rest: the field with dashes).
 FLAGS = {"arch": "teacher", "family": "student", "steps": "synthesis-steps", "lr": "synthesis-lr",
          "method": "synthesizer", "compile": "compile-synthesis", "eval_data": "data"}
+# How the student is trained: "direct" (KD of the spiking student, interleaved with synthesis)
+# or "twin" (synthesis first, then KD of its rate twin: students/rate.py; measured on CIFAR-10,
+# benchmarks/README.md). "auto" chooses twin where the student has a twin and the teacher's
+# images are at least TWIN_MIN_SIDE pixels on their shorter side, direct otherwise; the twin
+# route then also takes TWIN_DEFAULTS for every option the user did not give.
+STRATEGIES = ("auto", "direct", "twin")
+TWIN_MIN_SIDE = 32
+DEFAULT_SYNTHESIS_FRACTION = 0.45  # twin: the share of the budget that synthesises before the KD phase
+TWIN_DEFAULTS = {"kd_mix": "both", "kd_steps": 50, "channels_last": True, "compile_student": True}
+TWIN_SYNTHESIS_DEFAULTS = {"steps": 200, "init": "smooth", "compile": "default"}
 # What a manifest's config must name: the rest may fall back to its default.
 REQUIRED = ("teacher", "student", "synthesis")
 NESTED_REQUIRED = {"teacher": ("arch",), "student": ("family", "input_shape", "num_classes", "lif")}
@@ -73,6 +84,12 @@ class DistillConfig:
     device: str = "auto"
     lif_kernel: str = "auto"  # norse, fused, compiled; auto: compiled on CUDA, norse on the CPU (neurons.py)
     channels_last: bool = False  # NHWC memory layout for the teacher's and the student's convolutions
+    strategy: str = "direct"  # direct or twin (STRATEGIES; make_config resolves "auto")
+    synthesis_fraction: float = DEFAULT_SYNTHESIS_FRACTION  # twin: the budget's share of the synthesis phase
+    kd_mix: str = "none"  # mix the KD minibatches: none, mixup, cutmix, both (augment.mix_batch)
+    kd_bf16: bool = False  # the KD forward passes (teacher and student) under bfloat16 autocast
+    compile_student: bool = False  # torch.compile the model the KD steps train (the twin: ~2x on a CPU)
+    snapshot_every_s: float | None = None  # keep the student every S seconds of distillation (RUN_DIR/snapshots)
 
     def __post_init__(self):
         # types and finiteness first: NaN passes every `<` comparison below (--kd-lr nan)
@@ -108,6 +125,16 @@ class DistillConfig:
             raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.student.input_shape != self.teacher.input_shape or self.student.num_classes != self.teacher.num_classes:
             raise ConfigError("the student's input shape and classes must match the teacher's")
+        if self.strategy not in STRATEGIES[1:]:
+            raise ConfigError(f"--strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.strategy == "twin":
+            check_twin(self.student)
+        if not 0 < self.synthesis_fraction < 1:
+            raise ConfigError(f"--synthesis-fraction must be between 0 and 1, got {self.synthesis_fraction}")
+        if self.kd_mix not in MIX_MODES:
+            raise ConfigError(f"--kd-mix {self.kd_mix!r}: choose one of {', '.join(MIX_MODES)}")
+        if self.snapshot_every_s is not None and not self.snapshot_every_s > 0:
+            raise ConfigError(f"--snapshot-every-s must be a positive number of seconds, got {self.snapshot_every_s}")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -128,6 +155,29 @@ class DistillConfig:
                    synthesis=SynthesisConfig(**synthesis), **values)
 
 
+def check_twin(student: StudentConfig) -> None:
+    """Refuse the twin strategy for a student that has no rate twin."""
+    from stars_deploy.students import student_family
+    from stars_deploy.students.rate import check_rate_twin
+
+    if student_family(student.family).rate_forward is None:
+        raise ConfigError(f"--strategy twin: the {student.family} student has no rate twin (only convnet has one); "
+                          "use --strategy direct")
+    check_rate_twin(student.lif)
+
+
+def resolve_strategy(strategy: str, teacher: TeacherSpec, student: StudentConfig) -> str:
+    """``auto``: twin for a student that has a twin and a teacher of images at least
+    TWIN_MIN_SIDE pixels on their shorter side (CIFAR-sized and up), direct otherwise."""
+    if strategy != "auto":
+        return strategy
+    try:
+        check_twin(student)
+    except ConfigError:
+        return "direct"
+    return "twin" if min(teacher.input_shape[1:]) >= TWIN_MIN_SIDE else "direct"
+
+
 def make_config(objective: str = "host", teacher: TeacherSpec | None = None, student: dict | None = None,
                 synthesis: dict | None = None, host: str = "deepinversion", lif: dict | None = None,
                 eval_data: str | None = "auto", **options) -> DistillConfig:
@@ -140,6 +190,8 @@ def make_config(objective: str = "host", teacher: TeacherSpec | None = None, stu
     ``eval_data="auto"`` evaluates on the held-out digits for the digits teacher and on
     nothing otherwise; None never evaluates. The generator host (``synthesis={"method":
     "generator"}``) takes GENERATOR_STEPS steps per batch unless ``steps`` is given.
+    ``strategy="auto"`` (resolve_strategy) may choose the twin route, whose TWIN_DEFAULTS and
+    TWIN_SYNTHESIS_DEFAULTS then fill every option not given.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
@@ -162,6 +214,16 @@ def make_config(objective: str = "host", teacher: TeacherSpec | None = None, stu
         weights["b_rca"] = options.pop("b_rca")
     options.pop("b_rca", None)
     student_config = StudentConfig(input_shape=teacher.input_shape, num_classes=teacher.num_classes, **student)
+    options["strategy"] = resolve_strategy(options.get("strategy") or "auto", teacher, student_config)
+    if options["strategy"] == "twin":
+        for key, value in TWIN_DEFAULTS.items():
+            options[key] = value if options.get(key) is None else options[key]
+        for key, value in TWIN_SYNTHESIS_DEFAULTS.items():
+            synthesis.setdefault(key, value)
+        if options.get("kd_bf16") is None:
+            options["kd_bf16"] = "auto"
+    if options.get("kd_bf16") == "auto":
+        options["kd_bf16"] = fast_bf16(options.get("device") or "auto")
     synthesis_config = SynthesisConfig(l_rca=weights["l_rca"], l_tar=weights["l_tar"], **synthesis)
     if eval_data == "auto":
         eval_data = "digits" if teacher.arch == "digits_cnn" else None

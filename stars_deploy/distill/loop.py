@@ -51,17 +51,18 @@ from stars_deploy.errors import CheckpointError, ConfigError, StarsDeployError
 from stars_deploy.evaluation import accuracy, evaluate_pair, predict, teacher_logits_fn
 from stars_deploy.fileio import fit_state_dict, load_torch, save_torch, write_json
 from stars_deploy.interrupt import HardStop, Interrupted, StopSignals, signal_name
-from stars_deploy.layout import CHECKPOINT, DISTILL, MANIFEST, POOL_DIR, STUDENT
+from stars_deploy.layout import CHECKPOINT, DISTILL, MANIFEST, POOL_DIR, STUDENT, snapshot_file
 from stars_deploy.progress import log, progress_bar
 from stars_deploy.runs import (COMPLETE, INTERRUPTED, RUN_FORMAT, RUNNING, check_run_name, content_digest,
                                new_run_dir, open_run, read_manifest, sha256_file, timestamp, versions)
-from stars_deploy.students import build_student, save_student
+from stars_deploy.students import build_student, save_student, student_family
 from stars_deploy.students.neurons import resolve_lif_kernel, set_lif_kernel
+from stars_deploy.students.rate import RateTwin
 from stars_deploy.teachers import Normalizer, load_teacher
 from stars_deploy.teachers.spec import check_finite_weights
 from stars_deploy.teachers.training import teacher_weights
 
-from .augment import train_augment
+from .augment import mix_batch, train_augment
 from .config import DistillConfig, config_from_manifest
 from .distributed import Group, PeerError, device_name, launch_rank, launch_world_size, launched, process_group
 from .footprint import ADVICE, check_memory
@@ -75,7 +76,8 @@ LR_FLOOR = 0.05  # the cosine schedule ends at this fraction of the initial lear
 # The checkpoint's schema (format stars-deploy/checkpoint-v1): key -> what it must hold.
 CHECKPOINT_KEYS = {"format": str, "round": int, "elapsed_s": float, "student": dict, "optimizer": dict,
                    "pool": list, "history": list, "timings": dict, "rng": dict}
-OPTIONAL_CHECKPOINT_KEYS = {"world_size": int, "synthesizer": dict, "other_ranks": list, "sha256": str}
+OPTIONAL_CHECKPOINT_KEYS = {"world_size": int, "synthesizer": dict, "other_ranks": list, "sha256": str,
+                            "counts": dict}
 DIGEST_KEY = "sha256"  # runs.content_digest of every other key: a flipped bit that still unpickles is refused
 OUT_OF_MEMORY = ("can't allocate memory", "out of memory")  # the allocators' words (CPU, CUDA)
 
@@ -184,6 +186,7 @@ class Distillation:
         self.stops: StopSignals | None = None
         self.checkpointed_round: int | None = None  # the round of the checkpoint on disk
         self.phase = "setting up"  # then "training", "saving the result": said when something stops it
+        self.counts = {"kd_images": 0, "snapshots": 0}
         self._kd_finite: dict[str, torch.Tensor] = {}
 
     # ---- the whole run, and what a stop or a failure leaves -----------------------------------
@@ -280,7 +283,10 @@ class Distillation:
             self._restore()
         elif self.main:
             self._write_manifest()
-        self.trainer = group.wrap(self.student)  # DistributedDataParallel under torchrun
+        trained = self.twin if self.twin is not None else self.student
+        self.trainer = group.wrap(trained)  # DistributedDataParallel under torchrun
+        if config.compile_student:
+            self.trainer = torch.compile(self.trainer)
 
     def _load_eval_set(self) -> None:
         spec = self.config.teacher
@@ -306,6 +312,8 @@ class Distillation:
         self.low = self.normalizer.bounds()[0].to(device)
         self.flip = spec.flips
         self.budget = Budget(config.rounds, config.budget_s)
+        self.twin = RateTwin(self.student, student_family(config.student.family).rate_forward) \
+            if config.strategy == "twin" else None
 
     def _write_manifest(self) -> None:
         config = self.config
@@ -351,6 +359,7 @@ class Distillation:
         self.round_index, self.elapsed_s = checkpoint["round"], float(checkpoint["elapsed_s"])
         self.history = checkpoint["history"]
         self.timings.update(checkpoint["timings"])
+        self.counts.update(checkpoint.get("counts", {}))
         with restoring(path, "rng"):
             _set_rng_state(own["rng"])
         self.checkpointed_round = self.round_index
@@ -369,7 +378,8 @@ class Distillation:
                 "format": CHECKPOINT_FORMAT, "round": self.round_index, "elapsed_s": self.elapsed_s,
                 "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "pool": self.pool.state(), "history": self.history, "timings": self.timings,
-                "world_size": self.group.world_size, **states[0], "other_ranks": states[1:]}
+                "world_size": self.group.world_size, "counts": dict(self.counts), **states[0],
+                "other_ranks": states[1:]}
             save_torch(self.run_dir / CHECKPOINT, {**payload, DIGEST_KEY: content_digest(payload)})
         self.checkpointed_round = self.round_index
         self.timings["checkpoint_s"] += time.perf_counter() - begin
@@ -409,36 +419,73 @@ class Distillation:
                           f"{self.round_index} ({progress}, {len(self.pool)} images in the pool); continue with "
                           f"`{resume_command(self.run_dir)}`", signum)
 
+    def _kd_phase(self) -> bool:
+        """Twin strategy: whether the synthesis phase is over (the KD phase has begun)."""
+        return self.twin is not None and \
+            self.budget.progress(self.round_index, self.elapsed_s) >= self.config.synthesis_fraction
+
+    def _lr_progress(self) -> float:
+        """Where the cosine learning rate stands: over the whole budget (direct), or over the
+        KD phase (twin)."""
+        progress = self.budget.progress(self.round_index, self.elapsed_s)
+        if self.twin is None:
+            return progress
+        fraction = self.config.synthesis_fraction
+        return min(1.0, max(0.0, (progress - fraction) / (1 - fraction)))
+
     def round(self) -> float:
-        """One synthesise -> pool -> KD round; appends its record to the history and returns its
-        seconds (rank 0's clock decides elapsed time on every rank)."""
+        """One round, appending its record to the history and returning its seconds (rank 0's
+        clock decides elapsed time on every rank): synthesise -> pool -> KD steps (direct); in
+        the twin strategy, synthesis alone until the synthesis phase is over, then KD steps on
+        the rate twin alone."""
         config, group = self.config, self.group
         round_start = time.perf_counter()
-        images, self.last_terms = self.synthesizer.synthesize(self.student, config.teacher.input_shape, self.device)
-        self._check_synthesis(images)
-        for batch in group.share_batch(images):  # every rank's batch, in rank order
-            self.pool.add(batch)
+        kd_phase = self._kd_phase()
+        if not kd_phase:
+            images, self.last_terms = self.synthesizer.synthesize(self.student, config.teacher.input_shape,
+                                                                  self.device)
+            self._check_synthesis(images)
+            for batch in group.share_batch(images):  # every rank's batch, in rank order
+                self.pool.add(batch)
         synthesis_done = time.perf_counter()
-        lr_scale = cosine_lr_scale(self.budget.progress(self.round_index, self.elapsed_s))
-        for param_group in self.optimizer.param_groups:
-            param_group["lr"] = config.kd_lr * lr_scale
-        self._kd_finite = {}
-        for _ in range(config.kd_steps):
-            self.loss = self._kd_step()
-        self._check_kd()
-        group.sync_buffers(self.student)  # the student's running statistics: rank 0's on every rank
+        if self.twin is None or kd_phase:
+            lr_scale = cosine_lr_scale(self._lr_progress())
+            for param_group in self.optimizer.param_groups:
+                param_group["lr"] = config.kd_lr * lr_scale
+            self._kd_finite = {}
+            for _ in range(config.kd_steps):
+                self.loss = self._kd_step()
+            self._check_kd()
+            self.counts["kd_images"] += config.kd_steps * config.kd_batch_size * group.world_size
+            group.sync_buffers(self.student)  # the student's running statistics: rank 0's on every rank
         round_end = time.perf_counter()
         self.timings["synthesis_s"] += synthesis_done - round_start
         self.timings["kd_s"] += round_end - synthesis_done
         self.elapsed_s = group.agree(self.elapsed_s + round_end - round_start)  # one schedule, one stop
         self.round_index += 1
         record = {"round": self.round_index, "elapsed_s": round(self.elapsed_s, 3),
-                  "synthetic_images": len(self.pool), "kd_loss": float(self.loss.detach()),
+                  "synthetic_images": len(self.pool),
+                  "phase": "kd" if kd_phase else ("synthesis" if self.twin is not None else "round"),
+                  **({"kd_loss": float(self.loss.detach())} if self.loss is not None and
+                     (self.twin is None or kd_phase) else {}),
                   **{f"syn_{k}": v for k, v in self.last_terms.items()}}
         if self.eval_set is not None and self.round_index % config.eval_every == 0:
             record.update(self.evaluate())
         self.history.append(record)
+        self._snapshot()
         return round_end - round_start
+
+    def _snapshot(self) -> None:
+        """With --snapshot-every-s S: the student, as it stands, each time the distillation time
+        passes a multiple of S (RUN_DIR/snapshots/student-<seconds>s.pt, rank 0)."""
+        every = self.config.snapshot_every_s
+        if every is None or not self.main:
+            return
+        while self.elapsed_s >= (self.counts["snapshots"] + 1) * every:
+            self.counts["snapshots"] += 1
+            was_training = self.student.training
+            save_student(snapshot_file(self.run_dir, self.counts["snapshots"] * every), self.student.eval())
+            self.student.train(was_training)
 
     def _check_synthesis(self, images: torch.Tensor) -> None:
         """Refuse a synthetic batch whose loss terms or pixels are not finite, before it
@@ -472,13 +519,18 @@ class Distillation:
     def _kd_step(self) -> torch.Tensor:
         """One student optimiser step on an augmented minibatch from the pool."""
         config = self.config
-        batch = train_augment(self.pool.sample(config.kd_batch_size), self.low, self.flip)
-        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=config.synthesis.teacher_bf16):
+        batch = mix_batch(train_augment(self.pool.sample(config.kd_batch_size), self.low, self.flip), config.kd_mix)
+        if config.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        teacher_bf16 = config.synthesis.teacher_bf16 or config.kd_bf16
+        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=teacher_bf16):
             teacher_features = self.teacher.penultimate(batch)
             teacher_logits = self.teacher.head(teacher_features)
         teacher_features, teacher_logits = teacher_features.float(), teacher_logits.float()
         with self.group.guard():  # DistributedDataParallel's collectives: buffers forward, gradients backward
-            out = self.trainer(batch)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=config.kd_bf16):
+                out = self.trainer(batch)
+            out = out._replace(logits=out.logits.float(), logits_t=out.logits_t.float(), features=out.features.float())
             if config.kd_mode == "per_step":
                 loss = torch.stack([kd_loss(z, teacher_logits, config.kd_temperature) for z in out.logits_t]).mean()
             else:
@@ -508,8 +560,9 @@ class Distillation:
         digests = group.check_replicas(self.student.state_dict())  # every rank ends with rank 0's student
         if self.main:
             save_student(run_dir / STUDENT, self.student)
-        kd_images = self.round_index * config.kd_steps * config.kd_batch_size * group.world_size
-        summary = {"run_dir": str(run_dir), "objective": config.objective, "device": str(self.device),
+        kd_images = self.counts["kd_images"]
+        summary = {"run_dir": str(run_dir), "objective": config.objective, "strategy": config.strategy,
+                   "device": str(self.device),
                    "processes": group.world_size, "rounds": self.round_index, "synthetic_images": len(self.pool),
                    "distill_time_s": self.elapsed_s, "kd_images": kd_images,
                    "synthesis_images_per_s": len(self.pool) / max(self.timings["synthesis_s"], 1e-9),

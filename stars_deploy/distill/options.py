@@ -20,10 +20,12 @@ from stars_deploy.students import FAMILIES
 from stars_deploy.students.neurons import LIF_KERNELS, SURROGATES, LIFConfig
 from stars_deploy.teachers import ARCHITECTURES, NORMALIZATIONS, TeacherSpec
 
-from .config import DEFAULT_BUDGET_S, HOSTS, KD_MODES, OBJECTIVES, DistillConfig, make_config
+from .augment import MIX_MODES
+from .config import (DEFAULT_BUDGET_S, DEFAULT_SYNTHESIS_FRACTION, HOSTS, KD_MODES, OBJECTIVES, STRATEGIES,
+                     TWIN_MIN_SIDE, TWIN_SYNTHESIS_DEFAULTS, DistillConfig, make_config)
 from .generator import GENERATOR_STEPS, GENERATOR_Z_LR
 from .objectives import RCA_VARIANTS
-from .synthesis import COMPILE_MODES, GENERATOR_META, SYNTHESIS_METHODS, SynthesisConfig
+from .synthesis import COMPILE_MODES, GENERATOR_META, INITS, SYNTHESIS_METHODS, SynthesisConfig
 
 DIGITS_TEACHER = "digits_cnn"  # the one architecture with a cached default checkpoint
 
@@ -112,9 +114,13 @@ DISTILL_OPTIONS = TEACHER_OPTIONS + (
     Option("method", "synthesizer", str, None, "pixel (optimise each batch's pixels) or generator (FastDFKD: a "
            "generator meta-learned across batches).", SYNTHESIS, choices=SYNTHESIS_METHODS,
            show_default=_default(SynthesisConfig, "method")),
+    Option("synthesis_init", "synthesis-init", str, None, "Where pixel optimisation starts: N(0, 1) noise, or "
+           "noise at 1/4 of the side upsampled (smooth).", SYNTHESIS, choices=INITS,
+           show_default="smooth with --strategy twin, else noise"),
     Option("batch_size", "batch-size", int, None, "Synthetic images per batch.", SYNTHESIS, show_default=_default(SynthesisConfig, "batch_size")),
     Option("synthesis_steps", "synthesis-steps", int, None, "Adam steps per synthetic batch.", SYNTHESIS,
-           show_default=f"{SynthesisConfig.steps} pixel, {GENERATOR_STEPS} generator"),
+           show_default=f"{SynthesisConfig.steps} pixel ({TWIN_SYNTHESIS_DEFAULTS['steps']} with --strategy twin), "
+                        f"{GENERATOR_STEPS} generator"),
     Option("synthesis_lr", "synthesis-lr", float, None, "Learning rate of the pixels (or of z).", SYNTHESIS,
            show_default=f"{SynthesisConfig.lr:g} pixel, {GENERATOR_Z_LR:g} generator"),
     Option("generator_lr", "generator-lr", float, None, "Generator host: inner learning rate.", SYNTHESIS,
@@ -139,6 +145,15 @@ DISTILL_OPTIONS = TEACHER_OPTIONS + (
            show_default=_default(DistillConfig, "kd_lr")),
     Option("kd_temperature", "kd-temperature", float, None, "KD temperature tau.", KD,
            show_default=_default(DistillConfig, "kd_temperature")),
+    Option("strategy", "strategy", str, "auto", "direct: KD of the spiking student, interleaved with synthesis; "
+           "twin: synthesis first, then KD of the student's rate twin (each LIF replaced by its exact "
+           "constant-current rate, same weights), which is 8-10x cheaper per image; auto: twin for a convnet "
+           f"student of a teacher of images at least {TWIN_MIN_SIDE} px on a side, else direct.", KD,
+           choices=STRATEGIES),
+    Option("synthesis_fraction", "synthesis-fraction", float, None, "Twin: the share of the budget spent "
+           "synthesising before the twin's KD.", KD, show_default=f"{DEFAULT_SYNTHESIS_FRACTION:g}"),
+    Option("kd_mix", "kd-mix", str, None, "Mix KD minibatch images pairwise (the teacher labels the mixed "
+           "view).", KD, choices=MIX_MODES, show_default="both with --strategy twin, else none"),
     Option("kd_mode", "kd-mode", str, None, "KL on time-averaged logits, or per step.", KD, choices=KD_MODES,
            show_default=_default(DistillConfig, "kd_mode")),
     Option("seed", "seed", int, 0, "Random seed.", RUN),
@@ -146,6 +161,9 @@ DISTILL_OPTIONS = TEACHER_OPTIONS + (
            "(images N,H,W,C uint8 + labels) or a CIFAR pickle folder.", EVALUATION,
            show_default="digits for the digits teacher, else none", aliases=("eval-data",)),
     Option("no_eval", "no-eval", bool, False, "Skip evaluation.", EVALUATION),
+    Option("snapshot_every_s", "snapshot-every-s", float, None, "Keep the student every S seconds of "
+           "distillation (RUN_DIR/snapshots/), so one run answers shorter budgets.", EVALUATION,
+           show_default="none"),
     Option("eval_every", "eval-every", int, None, "Evaluate every N rounds.", EVALUATION,
            show_default=_default(DistillConfig, "eval_every")),
     Option("checkpoint_every", "checkpoint-every", int, None, "Checkpoint every N rounds.", RUN,
@@ -156,7 +174,12 @@ DISTILL_OPTIONS = TEACHER_OPTIONS + (
     Option("run_name", "name", str, None, "Run directory name.", RUN, show_default="derived from the config"),
     Option("device", "device", str, "auto", "auto, cpu, cuda or cuda:N.", SPEED),
     Option("teacher_bf16", "teacher-bf16", bool, False, "Run the teacher under bfloat16 autocast.", SPEED),
-    Option("channels_last", "channels-last", bool, False, "NHWC memory layout for the convolutions.", SPEED),
+    Option("channels_last", "channels-last", bool, None, "NHWC memory layout for the convolutions.", SPEED,
+           show_default="on with --strategy twin, else off"),
+    Option("kd_bf16", "kd-bf16", bool, None, "Run the KD forward passes (teacher and student) under bfloat16 "
+           "autocast.", SPEED, show_default="on with --strategy twin where bf16 is native (AVX512-BF16/AMX, GPUs)"),
+    Option("compile_student", "compile-student", bool, None, "torch.compile the model the KD steps train "
+           "(~20 s once).", SPEED, show_default="on with --strategy twin, else off"),
     Option("lif_kernel", "lif-kernel", str, "auto", "Student LIF layers: norse (step Norse's cell), fused (one "
            "autograd node), compiled (torch.compile'd fused kernels); auto: compiled on CUDA, norse on the CPU.",
            SPEED, choices=LIF_KERNELS),
@@ -302,9 +325,11 @@ def config_from_options(values: dict[str, Any], teacher: TeacherSpec | None = No
                    "student_every": v["student_every"], "method": v["method"], "generator_lr": v["generator_lr"],
                    "generator_meta": v["generator_meta"], "bn_momentum": v["bn_momentum"],
                    "teacher_bf16": v["teacher_bf16"], "bn_groups": v["bn_groups"],
-                   "compile": v["compile_synthesis"]},
+                   "compile": v["compile_synthesis"], "init": v["synthesis_init"]},
         rounds=v["rounds"], budget_s=budget_s, b_rca=v["b_rca"], kd_steps=v["kd_steps"],
         kd_batch_size=v["kd_batch_size"], kd_lr=v["kd_lr"], kd_temperature=v["kd_temperature"],
         kd_mode=v["kd_mode"], seed=v["seed"], eval_data=None if v["no_eval"] else (v["eval_data"] or "auto"),
         eval_every=v["eval_every"], checkpoint_every=v["checkpoint_every"], pool_memory_mb=v["pool_memory_mb"],
-        device=v["device"], channels_last=v["channels_last"], lif_kernel=v["lif_kernel"])
+        device=v["device"], channels_last=v["channels_last"], lif_kernel=v["lif_kernel"], strategy=v["strategy"],
+        synthesis_fraction=v["synthesis_fraction"], kd_mix=v["kd_mix"], kd_bf16=v["kd_bf16"],
+        compile_student=v["compile_student"], snapshot_every_s=v["snapshot_every_s"])
