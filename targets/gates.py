@@ -43,6 +43,11 @@ class Gate:
     low: float | None = None  # the range a limit must lie in (a fraction: 0..1)
     high: float | None = None
 
+    @property
+    def fraction(self) -> bool:
+        """A share (accuracy, agreement...): shown as a percentage."""
+        return self.kind is float and self.high == 1.0
+
 
 GATES = {gate.name: gate for gate in (
     Gate("min_accuracy", "accuracy", True, float, "accuracy on the evaluation data (0-1)", 0.0, 1.0),

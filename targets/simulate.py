@@ -161,6 +161,7 @@ def simulate(path: Path, target: str = "nir", data: str | None = None, samples: 
     summary = summarize(result, labels, reference_result, energy=spec.energy,
                         loihi2_pj_per_op=loihi2_pj_per_op)
     summary.update(file=str(file), file_sha256=sha256_file(file), data=data_name, compare=compare,
+                   dt_s=dt_s if dt_s is not None else runner.metadata.get("dt_s"),
                    request=simulation_request(data if inputs is None else f"inputs:{inputs}", samples, compare,
                                               dt_s, timesteps, loihi2_pj_per_op),
                    conventions=spec.conventions,

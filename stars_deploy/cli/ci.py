@@ -10,24 +10,27 @@ import click
 from stars_deploy.targets.gates import GATES, GATE_FAILED
 from stars_deploy.targets.registry import target_names
 from stars_deploy.targets.report import FORMATS
-from stars_deploy.units import percent
+from stars_deploy.units import count, percent
 
 from .common import (FiniteFloatRange, LazyChoice, TopicCommand, device_option, emit, inside_working_directory,
                      option, output_options, quiet_if, run_dir_or_latest, runs_dir_option, table)
 
 
-def _format(value) -> str:
+def _format(value, gate) -> str:
+    """A measured value or limit as people read it: shares as percentages, counts with separators."""
     if value is None:
         return "n/a"
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.6g}"
-    return f"{value:,.0f}" if isinstance(value, (int, float)) else str(value)
+    if gate is not None and gate.fraction:
+        return percent(value, 2)
+    return count(value) if isinstance(value, (int, float)) else str(value)
 
 
 def print_gates(result: dict) -> None:
-    rows = [(row["gate"], _format(row["measured"]), f"{row['comparison']} {_format(row['limit'])}",
-             "pass" if row["passed"] else f"FAIL{' (' + row['note'] + ')' if row['note'] else ''}")
-            for row in result["gates"]]
+    rows = []
+    for row in result["gates"]:
+        gate = GATES.get(row["gate"].replace("-", "_"))
+        rows.append((row["gate"], _format(row["measured"], gate), f"{row['comparison']} {_format(row['limit'], gate)}",
+                     "pass" if row["passed"] else f"FAIL{' (' + row['note'] + ')' if row['note'] else ''}"))
     table(("gate", "measured", "limit", "result"), rows)
     source = "reused " + Path(result["result_file"]).name if result["reused"] else "simulated"
     click.echo(f"{result['target']} on {result['data']} ({result['samples']} samples, {source}): "
