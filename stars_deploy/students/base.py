@@ -30,6 +30,9 @@ from .neurons import LIFConfig
 
 STUDENT_FORMAT = "stars-deploy/student-v1"
 DEFAULT_FAMILY = "convnet"
+# The most steps per sample a file (student.pt, .nir) may declare: far above any rate-coded
+# student's T (4-64), and what keeps a corrupt or hostile file from sizing a run by itself.
+MAX_TIMESTEPS = 10_000
 
 
 class GraphBuilder(Protocol):

@@ -1,0 +1,479 @@
+"""Validation of a .nir file at load, before ``nir.read`` allocates anything, and its checksum.
+
+Every reader of ours goes through ``nir_format.read_nir``, which calls :func:`validate_file`
+first. It opens the HDF5 file with h5py and, in this order:
+
+1. sizes, from the declared shapes and dtypes alone (nothing is read yet): at most
+   :data:`MAX_NODES` nodes, :data:`MAX_EDGES` edges, :data:`MAX_DATASETS` datasets,
+   :data:`MAX_ARRAY_BYTES` bytes of arrays, :data:`MAX_NEURONS` neurons (the size of every
+   neuron node's parameters, summed) and :data:`MAX_SYNAPSES` weights (Affine, Linear, Conv,
+   Scale elements, summed). A 513 KB file can declare a 10^9-neuron LIF layer (gzip packs
+   4 GB of equal values into almost nothing); it is refused here, not after 20 s of
+   allocation;
+2. structure: the root is a NIRGraph, every node's ``type`` is one NIR 1.0.8 knows and its
+   required fields are there, every dataset is numeric or text (no compound, reference or
+   object data), edges are (E, 2) names of nodes that exist;
+3. values, now that reading them is bounded: every float array finite (NaN/Inf is refused
+   naming the node and field), time constants > 0, geometry (stride, dilation, groups,
+   kernel_size >= 1, padding >= 0) and shapes (entries >= 1) integers;
+4. the graph's metadata: the JSON keys decode, and the words of ``stars_deploy.vocabulary``
+   have their types and ranges (``dt_s`` a finite number > 0, ``timesteps`` an integer in
+   [1, MAX_TIMESTEPS], ``normalization`` finite means and positive stds, one per input
+   channel or one for all, ``class_names`` one string per output, ``spike_layers`` naming
+   nodes of the graph);
+5. the checksum: files we write carry metadata ``sha256`` (:func:`content_sha256`); when a
+   file has one, the arrays must hash to it, so a bit flip is named instead of simulated.
+   Files from other tools have no checksum: they are validated (1-4) but cannot be checked
+   for corruption.
+
+The checksum (``sha256`` over the arrays, the same key and idea as the netx file's): for every
+dataset of the HDF5 file except ``node/metadata/sha256`` itself, in the lexicographic order
+of their HDF5 paths, the bytes ``path NUL dtype NUL shape NUL length(8, little-endian)
+payload``, where dtype is numpy's little-endian code (``<f4``) or ``str`` for text, shape is
+Python's repr of the shape tuple, and payload is the little-endian C-order values (text:
+each string as length(8) + UTF-8 bytes). It covers weights, neuron parameters, geometry,
+edges, node names (they are in the paths) and the other metadata, and depends only on them,
+so an export stays byte-identical for the same student.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from stars_deploy import vocabulary
+from stars_deploy.errors import StarsDeployError
+from stars_deploy.students.base import MAX_TIMESTEPS
+from stars_deploy.units import byte_size
+
+CHECKSUM_KEY = "sha256"
+CHECKSUM_PATH = f"node/metadata/{CHECKSUM_KEY}"
+JSON_KEYS = ("normalization", "class_names", "spike_layers")
+
+# Bounds on what a file may make us allocate. The largest students we distil (a spiking
+# ResNet-110 on 32x32 CIFAR, a 5-layer width-256 convnet) have under 2 M neurons, 10 M weights
+# and 100 MB of arrays; these bounds leave an order of magnitude above that.
+MAX_NODES = 4096
+MAX_EDGES = 16384
+MAX_DATASETS = 65536
+MAX_GRAPH_DEPTH = 4  # nested NIRGraph nodes
+MAX_ARRAY_BYTES = 2**30  # declared, uncompressed
+MAX_NEURONS = 2**24
+MAX_SYNAPSES = 2**27
+MAX_SHAPE_DIMS = 8
+TEXT_ITEM_BYTES = 16  # what one variable-length string counts towards MAX_ARRAY_BYTES before it is read
+
+# NIR 1.0.8's node types (nir.read's read_node) and the fields nir.read needs from each
+REQUIRED_FIELDS = {
+    "Affine": ("weight", "bias"), "Linear": ("weight",), "Scale": ("scale",),
+    "Conv1d": ("weight", "stride", "padding", "dilation", "groups", "bias"),
+    "Conv2d": ("weight", "stride", "padding", "dilation", "groups", "bias"),
+    "SumPool2d": ("kernel_size", "stride", "padding"), "AvgPool2d": ("kernel_size", "stride", "padding"),
+    "Delay": ("delay",), "Flatten": ("start_dim", "end_dim"), "Threshold": ("threshold",),
+    "I": ("r",), "IF": ("r", "v_threshold"), "LI": ("tau", "r", "v_leak"),
+    "LIF": ("tau", "r", "v_leak", "v_threshold"), "CubaLI": ("tau_mem", "tau_syn", "r", "v_leak", "w_in"),
+    "CubaLIF": ("tau_mem", "tau_syn", "r", "v_leak", "v_threshold", "w_in"),
+    "Input": ("shape",), "Output": ("shape",), "NIRGraph": ("nodes",),
+}
+NEURON_TYPES = ("I", "IF", "LI", "LIF", "CubaLI", "CubaLIF", "Threshold")
+SYNAPSE_FIELDS = {"Affine": "weight", "Linear": "weight", "Conv1d": "weight", "Conv2d": "weight", "Scale": "scale"}
+TIME_CONSTANTS = ("tau", "tau_mem", "tau_syn")
+PARAMETERS = ("weight", "bias", "scale", "threshold", "delay", "r", "v_leak", "v_threshold", "v_reset",
+              "w_in") + TIME_CONSTANTS
+POSITIVE_GEOMETRY = ("stride", "dilation", "groups", "kernel_size")
+SHAPES = ("shape", "input_type", "input_shape")
+INTEGER_FIELDS = POSITIVE_GEOMETRY + ("padding", "start_dim", "end_dim") + SHAPES
+PADDING_WORDS = ("same", "valid")
+TEXT_WORDS = {"reset": None, "integrator": None, "format": None, "student_family": None,
+              "encoding": (vocabulary.ENCODING,), "readout": (vocabulary.READOUT,),
+              "state_init": (vocabulary.STATE_INIT,)}
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class NIRFormatError(StarsDeployError):
+    """A NIR file or graph that cannot be read, or breaks the conventions a reader assumes."""
+
+
+@dataclass
+class _Budget:
+    """What the file declares, summed as the nodes are walked."""
+
+    neurons: int = 0
+    synapses: int = 0
+    node_names: set[str] = field(default_factory=set)
+    input_channels: set[int] = field(default_factory=set)
+    output_sizes: set[int] = field(default_factory=set)
+
+
+def _declared_bytes(dataset: h5py.Dataset) -> int:
+    count = math.prod(dataset.shape) if dataset.shape is not None else 0
+    itemsize = TEXT_ITEM_BYTES if h5py.check_string_dtype(dataset.dtype) else dataset.dtype.itemsize
+    return count * itemsize
+
+
+def _is_text(dataset: h5py.Dataset) -> bool:
+    return h5py.check_string_dtype(dataset.dtype) is not None or dataset.dtype.kind == "S"
+
+
+def _where(path: str) -> str:
+    """An HDF5 path as the error messages name it: node 'x' field 'y', metadata 'z', or the path."""
+    parts = path.split("/")
+    if len(parts) == 4 and parts[:2] == ["node", "nodes"]:
+        return f"node {parts[2]!r} field {parts[3]!r}"
+    if len(parts) == 3 and parts[:2] == ["node", "metadata"]:
+        return f"metadata {parts[2]!r}"
+    return path
+
+
+def _list_datasets(source: str, handle: h5py.File) -> dict[str, h5py.Dataset]:
+    """Every dataset by HDF5 path, its count and declared size bounded before anything is read."""
+    datasets: dict[str, h5py.Dataset] = {}
+    total = [0]
+
+    def visit(name: str, item) -> Any:
+        if isinstance(item, h5py.Dataset):
+            if len(datasets) >= MAX_DATASETS:
+                raise NIRFormatError(f"{source}: more than {MAX_DATASETS:,} datasets; this is not a network "
+                                     "stars-deploy reads (the file was refused before reading its arrays)")
+            if item.shape is None:
+                raise NIRFormatError(f"{source}: {_where(name)} is empty (an HDF5 null dataspace); NIR stores "
+                                     "every field as an array or scalar: write the file again")
+            if not (_is_text(item) or item.dtype.kind in "biuf"):
+                raise NIRFormatError(f"{source}: {_where(name)} has dtype {item.dtype}, which NIR does not use "
+                                     "(numbers or text only)")
+            size = _declared_bytes(item)
+            total[0] += size
+            if total[0] > MAX_ARRAY_BYTES:
+                raise NIRFormatError(
+                    f"{source}: the arrays declare {byte_size(total[0])} or more (at {_where(name)}, "
+                    f"{item.shape} {item.dtype}: {byte_size(size)}); a graph may hold at most "
+                    f"{byte_size(MAX_ARRAY_BYTES)}. "
+                    "Refused before allocating: this is not a network the simulators can run")
+            datasets[name] = item
+        return None
+
+    handle.visititems(visit)
+    return datasets
+
+
+def _text(value) -> str | None:
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            return bytes(value).decode("utf8")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
+
+
+def _node_type(source: str, group: h5py.Group, where: str) -> str:
+    if "type" not in group or not isinstance(group["type"], h5py.Dataset) or not _is_text(group["type"]) \
+            or group["type"].shape != ():
+        raise NIRFormatError(f"{source}: node {where!r} has no type (a text dataset 'type'); it is not a NIR node")
+    kind = _text(group["type"][()])
+    if kind not in REQUIRED_FIELDS:
+        raise NIRFormatError(f"{source}: node {where!r} has type {kind!r}, which NIR 1.0.8 does not define "
+                             f"(known: {', '.join(sorted(REQUIRED_FIELDS))})")
+    missing = [name for name in REQUIRED_FIELDS[kind] if name not in group]
+    if missing:
+        raise NIRFormatError(f"{source}: node {where!r} ({kind}) lacks {', '.join(missing)}; "
+                             "the file is incomplete: write it again")
+    return kind
+
+
+def _check_node_sizes(source: str, where: str, kind: str, group: h5py.Group, budget: _Budget) -> None:
+    """Neurons and synapses from the declared shapes: refuse absurd graphs before reading them."""
+    if kind in NEURON_TYPES:
+        size = max((math.prod(group[name].shape or ()) for name in group
+                    if name in PARAMETERS and isinstance(group[name], h5py.Dataset)), default=0)
+        budget.neurons += size
+        if budget.neurons > MAX_NEURONS:
+            raise NIRFormatError(
+                f"{source}: node {where!r} ({kind}) declares {size:,} neurons ({budget.neurons:,} in the graph so "
+                f"far); a graph may have at most {MAX_NEURONS:,}. Refused before allocating: this is not a "
+                "network the simulators can run")
+    if kind in SYNAPSE_FIELDS and isinstance(group[SYNAPSE_FIELDS[kind]], h5py.Dataset):
+        size = math.prod(group[SYNAPSE_FIELDS[kind]].shape or ())
+        budget.synapses += size
+        if budget.synapses > MAX_SYNAPSES:
+            raise NIRFormatError(
+                f"{source}: node {where!r} ({kind}) declares {size:,} weights ({budget.synapses:,} in the graph so "
+                f"far); a graph may have at most {MAX_SYNAPSES:,}. Refused before allocating")
+
+
+def _check_field(source: str, where: str, kind: str, name: str, dataset: h5py.Dataset, value) -> None:
+    """Dtype, finiteness and range of one node field (its value already read)."""
+    label = f"node {where!r} ({kind}) field {name!r}"
+    if name == "padding" and _is_text(dataset):
+        if _text(value) not in PADDING_WORDS:
+            raise NIRFormatError(f"{source}: {label} is {_text(value)!r}; padding is integers or "
+                                 f"{' or '.join(PADDING_WORDS)}")
+        return
+    if name in PARAMETERS or name in INTEGER_FIELDS:
+        if _is_text(dataset) or dataset.dtype.kind == "b":
+            raise NIRFormatError(f"{source}: {label} is {dataset.dtype} data; it must be numbers")
+        array = np.asarray(value)
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            raise NIRFormatError(f"{source}: {label} holds {bad:,} NaN or infinite value(s) of {array.size:,}; "
+                                 "export it again from a student with finite weights")
+    if name in TIME_CONSTANTS and array.size and float(array.min()) <= 0:
+        raise NIRFormatError(f"{source}: {label} has time constants down to {float(array.min()):g} s; "
+                             "time constants must be > 0")
+    if name in INTEGER_FIELDS:
+        if array.ndim > 1 or array.size > MAX_SHAPE_DIMS or np.any(array != np.round(array)):
+            raise NIRFormatError(f"{source}: {label} must be at most {MAX_SHAPE_DIMS} integers, got "
+                                 f"{array.tolist() if array.size <= MAX_SHAPE_DIMS else array.shape}")
+        if name in POSITIVE_GEOMETRY + SHAPES and np.any(array < 1):
+            raise NIRFormatError(f"{source}: {label} is {array.tolist()}; it must be integers >= 1")
+        if name == "padding" and np.any(array < 0):
+            raise NIRFormatError(f"{source}: {label} is {array.tolist()}; padding must be >= 0")
+        if name in SHAPES and math.prod(int(s) for s in array.ravel()) > MAX_NEURONS:
+            raise NIRFormatError(f"{source}: {label} declares {array.tolist()}, more than {MAX_NEURONS:,} "
+                                 "values per sample; this is not a network the simulators can run")
+
+
+def _node_groups(source: str, handle: h5py.File, path: str, depth: int, seen: list[int]):
+    """(where, kind, group) of every node of the graph at ``path`` and of graphs nested in it;
+    ``seen`` counts the nodes of all of them against MAX_NODES."""
+    if depth > MAX_GRAPH_DEPTH:
+        raise NIRFormatError(f"{source}: graphs nested more than {MAX_GRAPH_DEPTH} deep")
+    nodes = handle[f"{path}/nodes"]
+    if not isinstance(nodes, h5py.Group):
+        raise NIRFormatError(f"{source}: {path}/nodes is not a group of nodes")
+    seen[0] += len(nodes)
+    if seen[0] > MAX_NODES:
+        raise NIRFormatError(f"{source}: more than {MAX_NODES:,} nodes; this is not a network stars-deploy reads")
+    for name in sorted(nodes.keys()):
+        where = name if depth == 0 else f"{path.removeprefix('node/nodes/')}/{name}"
+        group = nodes[name]
+        if not isinstance(group, h5py.Group):
+            raise NIRFormatError(f"{source}: node {where!r} is not a group of fields")
+        kind = _node_type(source, group, where)
+        yield where, kind, group
+        if kind == "NIRGraph":
+            yield from _node_groups(source, handle, f"{path}/nodes/{name}", depth + 1, seen)
+
+
+def _small_shape(source: str, where: str, dataset: h5py.Dataset) -> np.ndarray:
+    """A shape field read on its own (before the other arrays), its size bounded first."""
+    if math.prod(dataset.shape or ()) > MAX_SHAPE_DIMS:
+        raise NIRFormatError(f"{source}: node {where!r} field {dataset.name.rsplit('/', 1)[-1]!r} has "
+                             f"{math.prod(dataset.shape):,} entries; a shape has at most {MAX_SHAPE_DIMS}")
+    return np.asarray(dataset[()])
+
+
+def _check_structure(source: str, handle: h5py.File) -> tuple[list, _Budget]:
+    """Node types, required fields and the declared neurons and synapses (no array is read)."""
+    budget, nodes = _Budget(), list(_node_groups(source, handle, "node", 0, [0]))
+    for where, kind, group in nodes:
+        _check_node_sizes(source, where, kind, group, budget)
+        if "/" in where:
+            continue
+        budget.node_names.add(where)
+        if kind in ("Input", "Output") and isinstance(group["shape"], h5py.Dataset) and not _is_text(group["shape"]):
+            shape = _small_shape(source, where, group["shape"]).ravel()
+            if kind == "Input" and shape.size:
+                budget.input_channels.add(int(shape[0]))
+            if kind == "Output" and np.all(shape >= 1) and np.all(shape == np.round(shape)):
+                budget.output_sizes.add(math.prod(int(s) for s in shape))
+    return nodes, budget
+
+
+def _check_values(source: str, nodes: list, values: dict) -> None:
+    """Every node field's dtype, finiteness and range, once the arrays are read."""
+    for where, kind, group in nodes:
+        if kind == "NIRGraph":
+            continue
+        for field_name in group:
+            item = group[field_name]
+            if isinstance(item, h5py.Dataset) and field_name != "type":
+                _check_field(source, where, kind, field_name, item, values[item.name.lstrip("/")])
+
+
+def _check_edges(source: str, handle: h5py.File, path: str, values: dict) -> None:
+    """The edges of the graph at ``path``: (E, 2) names of its own nodes."""
+    names = set(handle[f"{path}/nodes"].keys())
+    if f"{path}/edges" not in handle:
+        raise NIRFormatError(f"{source}: graph {path} has no edges dataset; the file is incomplete")
+    dataset = handle[f"{path}/edges"]
+    if not isinstance(dataset, h5py.Dataset):
+        raise NIRFormatError(f"{source}: {path}/edges is not a dataset")
+    if dataset.shape == (0,):  # nir.write stores an empty edge list as an empty float array
+        return
+    if len(dataset.shape) != 2 or dataset.shape[1] != 2 or not _is_text(dataset):
+        raise NIRFormatError(f"{source}: edges must be (E, 2) node names, got {dataset.shape} {dataset.dtype}")
+    if dataset.shape[0] > MAX_EDGES:
+        raise NIRFormatError(f"{source}: {dataset.shape[0]:,} edges, more than {MAX_EDGES:,}; "
+                             "this is not a network stars-deploy reads")
+    for pair in np.asarray(values[f"{path}/edges"]):
+        for end in pair:
+            text = _text(end)
+            if text not in names:
+                raise NIRFormatError(f"{source}: edge {[_text(e) for e in pair]} names node {text!r}, "
+                                     "which is not in the graph")
+
+
+def decode_metadata(metadata: dict | None, source: str = "graph") -> dict:
+    """Graph metadata as read back by ``nir.read`` (bytes, numpy scalars, JSON text) as Python
+    values; a JSON key that does not decode raises NIRFormatError naming it."""
+    decoded = {}
+    for key, value in (metadata or {}).items():
+        if isinstance(value, (bytes, np.bytes_)):
+            text = _text(value)
+            if text is None:
+                raise NIRFormatError(f"{source}: metadata {key!r} is not UTF-8 text")
+            value = text
+        if isinstance(value, np.generic):
+            value = value.item()
+        if key in JSON_KEYS:
+            if not isinstance(value, str):
+                raise NIRFormatError(f"{source}: metadata {key!r} must be JSON text, got {type(value).__name__}")
+            try:
+                value = json.loads(value)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise NIRFormatError(f"{source}: metadata {key!r} is not valid JSON ({exc}); "
+                                     "write the file again") from None
+        decoded[key] = value
+    return decoded
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite_numbers(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_number(v) and math.isfinite(v) for v in value)
+
+
+def check_metadata(metadata: dict, source: str, node_names: set[str] | None = None,
+                   input_channels: set[int] = frozenset(), output_sizes: set[int] = frozenset()) -> None:
+    """Types and ranges of the decoded metadata words (module docstring, step 4)."""
+    if vocabulary.DT_KEY in metadata:
+        dt_s = metadata[vocabulary.DT_KEY]
+        if not _is_number(dt_s) or not math.isfinite(dt_s) or dt_s <= 0:
+            raise NIRFormatError(f"{source}: metadata {vocabulary.DT_KEY} = {dt_s!r}; it must be a finite number "
+                                 "of seconds > 0")
+    if "timesteps" in metadata:
+        steps = metadata["timesteps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_TIMESTEPS:
+            raise NIRFormatError(f"{source}: metadata timesteps = {steps!r}; it must be an integer in "
+                                 f"[1, {MAX_TIMESTEPS}]")
+    if "normalization" in metadata:
+        norm = metadata["normalization"]
+        if not isinstance(norm, dict) or not _finite_numbers(norm.get("mean")) or not _finite_numbers(norm.get("std")) \
+                or len(norm["mean"]) != len(norm["std"]) or min(norm["std"]) <= 0:
+            raise NIRFormatError(f"{source}: metadata normalization must be {{\"mean\": [...], \"std\": [...]}} of "
+                                 "equal length, finite, std > 0")
+        channels = len(norm["mean"])
+        if channels != 1 and input_channels and channels not in input_channels:
+            raise NIRFormatError(f"{source}: metadata normalization has {channels} channels but the input has "
+                                 f"{sorted(input_channels)[0]}")
+    if "class_names" in metadata:
+        names = metadata["class_names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise NIRFormatError(f"{source}: metadata class_names must be a JSON list of strings")
+        if output_sizes and len(names) not in output_sizes:
+            raise NIRFormatError(f"{source}: metadata class_names has {len(names)} names but the output has "
+                                 f"{sorted(output_sizes)[0]} values")
+    if "spike_layers" in metadata:
+        spikes = metadata["spike_layers"]
+        if not isinstance(spikes, dict) or not all(isinstance(v, str) for v in spikes.values()):
+            raise NIRFormatError(f"{source}: metadata spike_layers must be a JSON object of node name -> name")
+        unknown = sorted(set(spikes) - node_names) if node_names is not None else []
+        if unknown:
+            raise NIRFormatError(f"{source}: metadata spike_layers names node {unknown[0]!r}, which is not in the graph")
+    for key, allowed in TEXT_WORDS.items():
+        if key in metadata:
+            if not isinstance(metadata[key], str):
+                raise NIRFormatError(f"{source}: metadata {key} must be text, got {metadata[key]!r}")
+            if allowed is not None and metadata[key] not in allowed:
+                raise NIRFormatError(f"{source}: metadata {key} = {metadata[key]!r}; stars-deploy's readers "
+                                     f"support {' or '.join(map(repr, allowed))} only")
+    if CHECKSUM_KEY in metadata and not (isinstance(metadata[CHECKSUM_KEY], str)
+                                         and SHA256_HEX.fullmatch(metadata[CHECKSUM_KEY])):
+        raise NIRFormatError(f"{source}: metadata {CHECKSUM_KEY} is not a sha256 hex digest; the file is corrupt")
+
+
+def _payload(value) -> tuple[str, tuple, bytes]:
+    """(dtype code, shape, bytes) of one dataset's value, as the checksum hashes it."""
+    array = np.asarray(value)
+    if array.dtype.kind in "OSU":
+        items = [bytes(item) if isinstance(item, (bytes, np.bytes_)) else str(item).encode("utf8")
+                 for item in array.ravel()]
+        return "str", array.shape, b"".join(len(item).to_bytes(8, "little") + item for item in items)
+    little = array.dtype.newbyteorder("<")
+    return little.str, array.shape, np.ascontiguousarray(array, dtype=little).tobytes()
+
+
+def content_sha256(values: dict[str, Any]) -> str:
+    """sha256 of the datasets ``{HDF5 path: value}`` (module docstring), the checksum itself excluded."""
+    digest = hashlib.sha256()
+    for path in sorted(values):
+        if path == CHECKSUM_PATH:
+            continue
+        dtype, shape, payload = _payload(values[path])
+        digest.update(b"\0".join((path.encode("utf8"), dtype.encode(), repr(tuple(shape)).encode(),
+                                  len(payload).to_bytes(8, "little") + payload)))
+    return digest.hexdigest()
+
+
+def file_sha256(handle: h5py.File, source: str = "graph") -> str:
+    """The checksum of an open NIR file (what the writer stores as metadata sha256)."""
+    return content_sha256({path: dataset[()] for path, dataset in _list_datasets(source, handle).items()})
+
+
+def validate_file(path: Path, source: str | None = None) -> None:
+    """Steps 1-5 of the module docstring for the .nir file at ``path``; raises NIRFormatError
+    naming the file and the node, field or metadata key. Nothing is allocated beyond the bounds."""
+    source = source or str(path)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise NIRFormatError(f"cannot read {source} as a NIR graph: not an HDF5 file, or truncated "
+                             f"({_first_line(exc)})") from None
+    with handle:
+        try:
+            _validate_open_file(source, handle)
+        except NIRFormatError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+            # h5py on a damaged file: a filter (gzip) failure, a broken object header or heap
+            raise NIRFormatError(f"cannot read {source} as a NIR graph: the file is corrupt "
+                                 f"({type(exc).__name__}: {_first_line(exc)}); export it again") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _validate_open_file(source: str, handle: h5py.File) -> None:
+    if not isinstance(handle.get("node"), h5py.Group):
+        raise NIRFormatError(f"{source} is an HDF5 file without a NIR graph (no group 'node')")
+    if _node_type(source, handle["node"], "node") != "NIRGraph":
+        raise NIRFormatError(f"{source}: the root node is not a NIRGraph")
+    nodes, budget = _check_structure(source, handle)  # 1.-2. types, declared neurons and synapses
+    datasets = _list_datasets(source, handle)  # 1. declared bytes of every dataset
+    values = {path: dataset[()] for path, dataset in datasets.items()}  # bounded now
+    _check_values(source, nodes, values)  # 3.
+    for graph_path in ["node"] + [group.name.lstrip("/") for _, kind, group in nodes if kind == "NIRGraph"]:
+        _check_edges(source, handle, graph_path, values)
+    raw = {path.removeprefix("node/metadata/"): value for path, value in values.items()
+           if path.startswith("node/metadata/") and path.count("/") == 2}
+    metadata = decode_metadata(raw, source)  # 4.
+    check_metadata(metadata, source, budget.node_names, budget.input_channels, budget.output_sizes)
+    if CHECKSUM_KEY in metadata:  # 5.
+        computed = content_sha256(values)
+        if computed != metadata[CHECKSUM_KEY]:
+            raise NIRFormatError(
+                f"{source}: checksum mismatch: the arrays hash to sha256 {computed[:12]}..., the file says "
+                f"{metadata[CHECKSUM_KEY][:12]}...; it was modified or corrupted after it was written: "
+                "export it again")
