@@ -113,14 +113,29 @@ class _Budget:
     output_sizes: set[int] = field(default_factory=set)
 
 
-def _declared_bytes(dataset: h5py.Dataset) -> int:
-    count = math.prod(dataset.shape) if dataset.shape is not None else 0
-    itemsize = TEXT_ITEM_BYTES if h5py.check_string_dtype(dataset.dtype) else dataset.dtype.itemsize
-    return count * itemsize
+@dataclass(frozen=True)
+class _Entry:
+    """One dataset of the file, described from its header (nothing read)."""
+
+    dataset: h5py.Dataset
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    text: bool
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def declared_bytes(self) -> int:
+        return self.size * (TEXT_ITEM_BYTES if self.text else self.dtype.itemsize)
 
 
-def _is_text(dataset: h5py.Dataset) -> bool:
-    return h5py.check_string_dtype(dataset.dtype) is not None or dataset.dtype.kind == "S"
+@dataclass(frozen=True)
+class _Node:
+    where: str  # the name errors use: 'conv1', or 'sub/conv1' inside a nested graph
+    kind: str
+    path: str  # its HDF5 group
 
 
 def _where(path: str) -> str:
@@ -133,37 +148,6 @@ def _where(path: str) -> str:
     return path
 
 
-def _list_datasets(source: str, handle: h5py.File) -> dict[str, h5py.Dataset]:
-    """Every dataset by HDF5 path, its count and declared size bounded before anything is read."""
-    datasets: dict[str, h5py.Dataset] = {}
-    total = [0]
-
-    def visit(name: str, item) -> Any:
-        if isinstance(item, h5py.Dataset):
-            if len(datasets) >= MAX_DATASETS:
-                raise NIRFormatError(f"{source}: more than {MAX_DATASETS:,} datasets; this is not a network "
-                                     "stars-deploy reads (the file was refused before reading its arrays)")
-            if item.shape is None:
-                raise NIRFormatError(f"{source}: {_where(name)} is empty (an HDF5 null dataspace); NIR stores "
-                                     "every field as an array or scalar: write the file again")
-            if not (_is_text(item) or item.dtype.kind in "biuf"):
-                raise NIRFormatError(f"{source}: {_where(name)} has dtype {item.dtype}, which NIR does not use "
-                                     "(numbers or text only)")
-            size = _declared_bytes(item)
-            total[0] += size
-            if total[0] > MAX_ARRAY_BYTES:
-                raise NIRFormatError(
-                    f"{source}: the arrays declare {byte_size(total[0])} or more (at {_where(name)}, "
-                    f"{item.shape} {item.dtype}: {byte_size(size)}); a graph may hold at most "
-                    f"{byte_size(MAX_ARRAY_BYTES)}. "
-                    "Refused before allocating: this is not a network the simulators can run")
-            datasets[name] = item
-        return None
-
-    handle.visititems(visit)
-    return datasets
-
-
 def _text(value) -> str | None:
     if isinstance(value, (bytes, np.bytes_)):
         try:
@@ -173,14 +157,39 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _node_type(source: str, group: h5py.Group, where: str) -> str:
-    if "type" not in group or not isinstance(group["type"], h5py.Dataset) or not _is_text(group["type"]) \
-            or group["type"].shape != ():
+def _collect(source: str, handle: h5py.File) -> dict[str, _Entry]:
+    """Every dataset by HDF5 path, from the headers alone; their number bounded, dtypes plain."""
+    entries: dict[str, _Entry] = {}
+
+    def visit(name: str, item) -> None:
+        if not isinstance(item, h5py.Dataset):
+            return
+        if len(entries) >= MAX_DATASETS:
+            raise NIRFormatError(f"{source}: more than {MAX_DATASETS:,} datasets; this is not a network "
+                                 "stars-deploy reads (refused before reading its arrays)")
+        if item.shape is None:
+            raise NIRFormatError(f"{source}: {_where(name)} is empty (an HDF5 null dataspace); NIR stores "
+                                 "every field as an array or scalar: write the file again")
+        dtype = item.dtype
+        text = h5py.check_string_dtype(dtype) is not None or dtype.kind == "S"
+        if not (text or dtype.kind in "biuf"):
+            raise NIRFormatError(f"{source}: {_where(name)} has dtype {dtype}, which NIR does not use "
+                                 "(numbers or text only)")
+        entries[name] = _Entry(item, tuple(item.shape), dtype, text)
+
+    handle.visititems(visit)
+    return entries
+
+
+def _node_type(source: str, entries: dict[str, _Entry], handle: h5py.File, path: str, where: str) -> str:
+    entry = entries.get(f"{path}/type")
+    if entry is None or not entry.text or entry.shape != ():
         raise NIRFormatError(f"{source}: node {where!r} has no type (a text dataset 'type'); it is not a NIR node")
-    kind = _text(group["type"][()])
+    kind = _text(entry.dataset[()])
     if kind not in REQUIRED_FIELDS:
         raise NIRFormatError(f"{source}: node {where!r} has type {kind!r}, which NIR 1.0.8 does not define "
                              f"(known: {', '.join(sorted(REQUIRED_FIELDS))})")
+    group = handle[path]
     missing = [name for name in REQUIRED_FIELDS[kind] if name not in group]
     if missing:
         raise NIRFormatError(f"{source}: node {where!r} ({kind}) lacks {', '.join(missing)}; "
@@ -188,61 +197,10 @@ def _node_type(source: str, group: h5py.Group, where: str) -> str:
     return kind
 
 
-def _check_node_sizes(source: str, where: str, kind: str, group: h5py.Group, budget: _Budget) -> None:
-    """Neurons and synapses from the declared shapes: refuse absurd graphs before reading them."""
-    if kind in NEURON_TYPES:
-        size = max((math.prod(group[name].shape or ()) for name in group
-                    if name in PARAMETERS and isinstance(group[name], h5py.Dataset)), default=0)
-        budget.neurons += size
-        if budget.neurons > MAX_NEURONS:
-            raise NIRFormatError(
-                f"{source}: node {where!r} ({kind}) declares {size:,} neurons ({budget.neurons:,} in the graph so "
-                f"far); a graph may have at most {MAX_NEURONS:,}. Refused before allocating: this is not a "
-                "network the simulators can run")
-    if kind in SYNAPSE_FIELDS and isinstance(group[SYNAPSE_FIELDS[kind]], h5py.Dataset):
-        size = math.prod(group[SYNAPSE_FIELDS[kind]].shape or ())
-        budget.synapses += size
-        if budget.synapses > MAX_SYNAPSES:
-            raise NIRFormatError(
-                f"{source}: node {where!r} ({kind}) declares {size:,} weights ({budget.synapses:,} in the graph so "
-                f"far); a graph may have at most {MAX_SYNAPSES:,}. Refused before allocating")
-
-
-def _check_field(source: str, where: str, kind: str, name: str, dataset: h5py.Dataset, value) -> None:
-    """Dtype, finiteness and range of one node field (its value already read)."""
-    label = f"node {where!r} ({kind}) field {name!r}"
-    if name == "padding" and _is_text(dataset):
-        if _text(value) not in PADDING_WORDS:
-            raise NIRFormatError(f"{source}: {label} is {_text(value)!r}; padding is integers or "
-                                 f"{' or '.join(PADDING_WORDS)}")
-        return
-    if name in PARAMETERS or name in INTEGER_FIELDS:
-        if _is_text(dataset) or dataset.dtype.kind == "b":
-            raise NIRFormatError(f"{source}: {label} is {dataset.dtype} data; it must be numbers")
-        array = np.asarray(value)
-        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-            bad = int(np.count_nonzero(~np.isfinite(array)))
-            raise NIRFormatError(f"{source}: {label} holds {bad:,} NaN or infinite value(s) of {array.size:,}; "
-                                 "export it again from a student with finite weights")
-    if name in TIME_CONSTANTS and array.size and float(array.min()) <= 0:
-        raise NIRFormatError(f"{source}: {label} has time constants down to {float(array.min()):g} s; "
-                             "time constants must be > 0")
-    if name in INTEGER_FIELDS:
-        if array.ndim > 1 or array.size > MAX_SHAPE_DIMS or np.any(array != np.round(array)):
-            raise NIRFormatError(f"{source}: {label} must be at most {MAX_SHAPE_DIMS} integers, got "
-                                 f"{array.tolist() if array.size <= MAX_SHAPE_DIMS else array.shape}")
-        if name in POSITIVE_GEOMETRY + SHAPES and np.any(array < 1):
-            raise NIRFormatError(f"{source}: {label} is {array.tolist()}; it must be integers >= 1")
-        if name == "padding" and np.any(array < 0):
-            raise NIRFormatError(f"{source}: {label} is {array.tolist()}; padding must be >= 0")
-        if name in SHAPES and math.prod(int(s) for s in array.ravel()) > MAX_NEURONS:
-            raise NIRFormatError(f"{source}: {label} declares {array.tolist()}, more than {MAX_NEURONS:,} "
-                                 "values per sample; this is not a network the simulators can run")
-
-
-def _node_groups(source: str, handle: h5py.File, path: str, depth: int, seen: list[int]):
-    """(where, kind, group) of every node of the graph at ``path`` and of graphs nested in it;
-    ``seen`` counts the nodes of all of them against MAX_NODES."""
+def _nodes(source: str, entries: dict[str, _Entry], handle: h5py.File, path: str, depth: int,
+           seen: list[int]) -> list[_Node]:
+    """Every node of the graph at ``path`` and of the graphs nested in it; ``seen`` counts them
+    all against MAX_NODES."""
     if depth > MAX_GRAPH_DEPTH:
         raise NIRFormatError(f"{source}: graphs nested more than {MAX_GRAPH_DEPTH} deep")
     nodes = handle[f"{path}/nodes"]
@@ -251,73 +209,118 @@ def _node_groups(source: str, handle: h5py.File, path: str, depth: int, seen: li
     seen[0] += len(nodes)
     if seen[0] > MAX_NODES:
         raise NIRFormatError(f"{source}: more than {MAX_NODES:,} nodes; this is not a network stars-deploy reads")
+    found = []
     for name in sorted(nodes.keys()):
         where = name if depth == 0 else f"{path.removeprefix('node/nodes/')}/{name}"
-        group = nodes[name]
-        if not isinstance(group, h5py.Group):
+        node_path = f"{path}/nodes/{name}"
+        if not isinstance(nodes.get(name), h5py.Group):
             raise NIRFormatError(f"{source}: node {where!r} is not a group of fields")
-        kind = _node_type(source, group, where)
-        yield where, kind, group
-        if kind == "NIRGraph":
-            yield from _node_groups(source, handle, f"{path}/nodes/{name}", depth + 1, seen)
+        node = _Node(where, _node_type(source, entries, handle, node_path, where), node_path)
+        found.append(node)
+        if node.kind == "NIRGraph":
+            found += _nodes(source, entries, handle, node_path, depth + 1, seen)
+    return found
 
 
-def _small_shape(source: str, where: str, dataset: h5py.Dataset) -> np.ndarray:
-    """A shape field read on its own (before the other arrays), its size bounded first."""
-    if math.prod(dataset.shape or ()) > MAX_SHAPE_DIMS:
-        raise NIRFormatError(f"{source}: node {where!r} field {dataset.name.rsplit('/', 1)[-1]!r} has "
-                             f"{math.prod(dataset.shape):,} entries; a shape has at most {MAX_SHAPE_DIMS}")
-    return np.asarray(dataset[()])
+def _by_group(entries: dict[str, _Entry]) -> dict[str, dict[str, _Entry]]:
+    """{group path: {dataset name: entry}}: a node's own fields are its group's datasets."""
+    groups: dict[str, dict[str, _Entry]] = {}
+    for path, entry in entries.items():
+        parent, _, name = path.rpartition("/")
+        groups.setdefault(parent, {})[name] = entry
+    return groups
 
 
-def _check_structure(source: str, handle: h5py.File) -> tuple[list, _Budget]:
-    """Node types, required fields and the declared neurons and synapses (no array is read)."""
-    budget, nodes = _Budget(), list(_node_groups(source, handle, "node", 0, [0]))
-    for where, kind, group in nodes:
-        _check_node_sizes(source, where, kind, group, budget)
-        if "/" in where:
-            continue
-        budget.node_names.add(where)
-        if kind in ("Input", "Output") and isinstance(group["shape"], h5py.Dataset) and not _is_text(group["shape"]):
-            shape = _small_shape(source, where, group["shape"]).ravel()
-            if kind == "Input" and shape.size:
-                budget.input_channels.add(int(shape[0]))
-            if kind == "Output" and np.all(shape >= 1) and np.all(shape == np.round(shape)):
-                budget.output_sizes.add(math.prod(int(s) for s in shape))
-    return nodes, budget
+def _check_sizes(source: str, node: _Node, fields: dict[str, _Entry], budget: _Budget) -> None:
+    """Neurons and weights from the declared shapes: absurd graphs are refused before reading."""
+    if node.kind in NEURON_TYPES:
+        size = max((entry.size for name, entry in fields.items() if name in PARAMETERS), default=0)
+        budget.neurons += size
+        if budget.neurons > MAX_NEURONS:
+            raise NIRFormatError(
+                f"{source}: node {node.where!r} ({node.kind}) declares {size:,} neurons ({budget.neurons:,} in the "
+                f"graph so far); a graph may have at most {MAX_NEURONS:,}. Refused before allocating: this is "
+                "not a network the simulators can run")
+    if SYNAPSE_FIELDS.get(node.kind) in fields:
+        size = fields[SYNAPSE_FIELDS[node.kind]].size
+        budget.synapses += size
+        if budget.synapses > MAX_SYNAPSES:
+            raise NIRFormatError(
+                f"{source}: node {node.where!r} ({node.kind}) declares {size:,} weights ({budget.synapses:,} in "
+                f"the graph so far); a graph may have at most {MAX_SYNAPSES:,}. Refused before allocating")
 
 
-def _check_values(source: str, nodes: list, values: dict) -> None:
-    """Every node field's dtype, finiteness and range, once the arrays are read."""
-    for where, kind, group in nodes:
-        if kind == "NIRGraph":
-            continue
-        for field_name in group:
-            item = group[field_name]
-            if isinstance(item, h5py.Dataset) and field_name != "type":
-                _check_field(source, where, kind, field_name, item, values[item.name.lstrip("/")])
+def _check_bytes(source: str, entries: dict[str, _Entry]) -> None:
+    total = 0
+    for path, entry in entries.items():
+        total += entry.declared_bytes
+        if total > MAX_ARRAY_BYTES:
+            raise NIRFormatError(
+                f"{source}: the arrays declare {byte_size(total)} or more (at {_where(path)}, {entry.shape} "
+                f"{entry.dtype}: {byte_size(entry.declared_bytes)}); a graph may hold at most "
+                f"{byte_size(MAX_ARRAY_BYTES)}. Refused before allocating: this is not a network the "
+                "simulators can run")
 
 
-def _check_edges(source: str, handle: h5py.File, path: str, values: dict) -> None:
-    """The edges of the graph at ``path``: (E, 2) names of its own nodes."""
-    names = set(handle[f"{path}/nodes"].keys())
-    if f"{path}/edges" not in handle:
-        raise NIRFormatError(f"{source}: graph {path} has no edges dataset; the file is incomplete")
-    dataset = handle[f"{path}/edges"]
-    if not isinstance(dataset, h5py.Dataset):
-        raise NIRFormatError(f"{source}: {path}/edges is not a dataset")
-    if dataset.shape == (0,):  # nir.write stores an empty edge list as an empty float array
+def _shape_of(entry: _Entry | None) -> np.ndarray | None:
+    """An Input/Output shape read on its own (before the other arrays), if it is a small integer array."""
+    if entry is None or entry.text or entry.size > MAX_SHAPE_DIMS:
+        return None
+    shape = np.asarray(entry.dataset[()]).ravel()
+    return shape if np.all(shape >= 1) and np.all(shape == np.round(shape)) else None
+
+
+def _check_field(source: str, node: _Node, name: str, entry: _Entry, value) -> None:
+    """Dtype, finiteness and range of one node field (its value already read)."""
+    label = f"node {node.where!r} ({node.kind}) field {name!r}"
+    if name == "padding" and entry.text:
+        if _text(value) not in PADDING_WORDS:
+            raise NIRFormatError(f"{source}: {label} is {_text(value)!r}; padding is integers or "
+                                 f"{' or '.join(PADDING_WORDS)}")
         return
-    if len(dataset.shape) != 2 or dataset.shape[1] != 2 or not _is_text(dataset):
-        raise NIRFormatError(f"{source}: edges must be (E, 2) node names, got {dataset.shape} {dataset.dtype}")
-    if dataset.shape[0] > MAX_EDGES:
-        raise NIRFormatError(f"{source}: {dataset.shape[0]:,} edges, more than {MAX_EDGES:,}; "
+    if name not in PARAMETERS and name not in INTEGER_FIELDS:
+        return  # a field nir.read does not read
+    if entry.text or entry.dtype.kind == "b":
+        raise NIRFormatError(f"{source}: {label} is {entry.dtype} data; it must be numbers")
+    array = np.asarray(value)
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise NIRFormatError(f"{source}: {label} holds {bad:,} NaN or infinite value(s) of {array.size:,}; "
+                             "export it again from a student with finite weights")
+    if name in TIME_CONSTANTS and array.size and float(array.min()) <= 0:
+        raise NIRFormatError(f"{source}: {label} has time constants down to {float(array.min()):g} s; "
+                             "time constants must be > 0")
+    if name not in INTEGER_FIELDS:
+        return
+    if array.ndim > 1 or array.size > MAX_SHAPE_DIMS or np.any(array != np.round(array)):
+        shown = array.tolist() if array.size <= MAX_SHAPE_DIMS else f"an array of shape {array.shape}"
+        raise NIRFormatError(f"{source}: {label} must be at most {MAX_SHAPE_DIMS} integers, got {shown}")
+    if name in POSITIVE_GEOMETRY + SHAPES and np.any(array < 1):
+        raise NIRFormatError(f"{source}: {label} is {array.tolist()}; it must be integers >= 1")
+    if name == "padding" and np.any(array < 0):
+        raise NIRFormatError(f"{source}: {label} is {array.tolist()}; padding must be >= 0")
+    if name in SHAPES and math.prod(int(s) for s in array.ravel()) > MAX_NEURONS:
+        raise NIRFormatError(f"{source}: {label} declares {array.tolist()}, more than {MAX_NEURONS:,} "
+                             "values per sample; this is not a network the simulators can run")
+
+
+def _check_edges(source: str, handle: h5py.File, entries: dict[str, _Entry], path: str, values: dict) -> None:
+    """The edges of the graph at ``path``: (E, 2) names of its own nodes."""
+    entry = entries.get(f"{path}/edges")
+    if entry is None:
+        raise NIRFormatError(f"{source}: graph {path} has no edges dataset; the file is incomplete")
+    if entry.shape == (0,):  # nir.write stores an empty edge list as an empty float array
+        return
+    if len(entry.shape) != 2 or entry.shape[1] != 2 or not entry.text:
+        raise NIRFormatError(f"{source}: edges must be (E, 2) node names, got {entry.shape} {entry.dtype}")
+    if entry.shape[0] > MAX_EDGES:
+        raise NIRFormatError(f"{source}: {entry.shape[0]:,} edges, more than {MAX_EDGES:,}; "
                              "this is not a network stars-deploy reads")
+    names = set(handle[f"{path}/nodes"].keys())
     for pair in np.asarray(values[f"{path}/edges"]):
         for end in pair:
-            text = _text(end)
-            if text not in names:
-                raise NIRFormatError(f"{source}: edge {[_text(e) for e in pair]} names node {text!r}, "
+            if _text(end) not in names:
+                raise NIRFormatError(f"{source}: edge {[_text(e) for e in pair]} names node {_text(end)!r}, "
                                      "which is not in the graph")
 
 
@@ -427,7 +430,7 @@ def content_sha256(values: dict[str, Any]) -> str:
 
 def file_sha256(handle: h5py.File, source: str = "graph") -> str:
     """The checksum of an open NIR file (what the writer stores as metadata sha256)."""
-    return content_sha256({path: dataset[()] for path, dataset in _list_datasets(source, handle).items()})
+    return content_sha256({path: entry.dataset[()] for path, entry in _collect(source, handle).items()})
 
 
 def validate_file(path: Path, source: str | None = None) -> None:
@@ -458,14 +461,31 @@ def _first_line(exc: BaseException) -> str:
 def _validate_open_file(source: str, handle: h5py.File) -> None:
     if not isinstance(handle.get("node"), h5py.Group):
         raise NIRFormatError(f"{source} is an HDF5 file without a NIR graph (no group 'node')")
-    if _node_type(source, handle["node"], "node") != "NIRGraph":
+    entries = _collect(source, handle)
+    if _node_type(source, entries, handle, "node", "node") != "NIRGraph":
         raise NIRFormatError(f"{source}: the root node is not a NIRGraph")
-    nodes, budget = _check_structure(source, handle)  # 1.-2. types, declared neurons and synapses
-    datasets = _list_datasets(source, handle)  # 1. declared bytes of every dataset
-    values = {path: dataset[()] for path, dataset in datasets.items()}  # bounded now
-    _check_values(source, nodes, values)  # 3.
-    for graph_path in ["node"] + [group.name.lstrip("/") for _, kind, group in nodes if kind == "NIRGraph"]:
-        _check_edges(source, handle, graph_path, values)
+    nodes = _nodes(source, entries, handle, "node", 0, [0])
+    groups = _by_group(entries)
+    fields = {node.path: {name: entry for name, entry in groups.get(node.path, {}).items() if name != "type"}
+              for node in nodes}
+    budget = _Budget()
+    for node in nodes:  # 1. declared neurons and weights, then bytes: nothing read yet
+        _check_sizes(source, node, fields[node.path], budget)
+    _check_bytes(source, entries)
+    for node in nodes:
+        if "/" not in node.where:
+            budget.node_names.add(node.where)
+            shape = _shape_of(fields[node.path].get("shape")) if node.kind in ("Input", "Output") else None
+            if shape is not None and node.kind == "Input" and shape.size:
+                budget.input_channels.add(int(shape[0]))
+            if shape is not None and node.kind == "Output":
+                budget.output_sizes.add(math.prod(int(s) for s in shape))
+    values = {path: entry.dataset[()] for path, entry in entries.items()}  # bounded now
+    for node in nodes:  # 3. values
+        for name, entry in fields[node.path].items():
+            _check_field(source, node, name, entry, values[f"{node.path}/{name}"])
+    for graph in ["node"] + [node.path for node in nodes if node.kind == "NIRGraph"]:
+        _check_edges(source, handle, entries, graph, values)
     raw = {path.removeprefix("node/metadata/"): value for path, value in values.items()
            if path.startswith("node/metadata/") and path.count("/") == 2}
     metadata = decode_metadata(raw, source)  # 4.
