@@ -16,7 +16,9 @@ logits_t = W s_t + b, and the student's logits are their mean over the T steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, NamedTuple, Protocol
 
@@ -142,11 +144,86 @@ def save_student(path: Path, model: nn.Module) -> None:
     save_torch(path, {"format": STUDENT_FORMAT, "config": model.config.to_dict(), "state_dict": state})
 
 
+CONFIG_INTEGERS = ("num_classes", "width", "depth", "timesteps")
+
+
+def _number(value, integer: bool = False) -> bool:
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and (integer or math.isfinite(value))
+
+
+def _check_config(values, source: str) -> StudentConfig:
+    """The ``config`` of a student file checked key by key (types, finiteness, ranges), then built."""
+    expected = {f.name for f in fields(StudentConfig)}
+    if not isinstance(values, dict) or set(values) != expected:
+        keys = sorted(values) if isinstance(values, dict) else type(values).__name__
+        raise CheckpointError(f"{source}: config must have the keys {', '.join(sorted(expected))}; it has {keys}")
+    if not isinstance(values["family"], str):
+        raise CheckpointError(f"{source}: config.family must be a student family's name, got {values['family']!r}")
+    shape = values["input_shape"]
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(_number(s, True) and s >= 1 for s in shape):
+        raise CheckpointError(f"{source}: config.input_shape must be 3 integers >= 1 (C, H, W), got {shape!r}")
+    for key in CONFIG_INTEGERS:
+        if not _number(values[key], True) or values[key] < 1:
+            raise CheckpointError(f"{source}: config.{key} must be an integer >= 1, got {values[key]!r}")
+    if values["timesteps"] > MAX_TIMESTEPS:
+        raise CheckpointError(f"{source}: config.timesteps = {values['timesteps']}, more than {MAX_TIMESTEPS}")
+    lif, lif_fields = values["lif"], {f.name: f for f in fields(LIFConfig)}
+    if not isinstance(lif, dict) or set(lif) != set(lif_fields):
+        keys = sorted(lif) if isinstance(lif, dict) else type(lif).__name__
+        raise CheckpointError(f"{source}: config.lif must have the keys {', '.join(sorted(lif_fields))}; it has {keys}")
+    for key, value in lif.items():
+        if key == "surrogate":
+            if not isinstance(value, str):
+                raise CheckpointError(f"{source}: config.lif.surrogate must be a name, got {value!r}")
+        elif not (_number(value) or (key == "tau_syn_steps" and value is None)):
+            raise CheckpointError(f"{source}: config.lif.{key} must be a finite number, got {value!r}")
+    try:
+        return StudentConfig.from_dict(values)
+    except ConfigError as exc:  # the family's own rules (resnet depth 6n+2, thresholds above resets ...)
+        raise CheckpointError(f"{source}: config does not describe a student: {exc}") from None
+
+
+def _check_weights(state: dict, expected: dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor dense, of the dtype the student has, finite; BatchNorm variances >= 0."""
+    for key, tensor in state.items():
+        want = expected.get(key, expected.get(key.removeprefix("module.")))
+        if tensor.layout != torch.strided or (want is not None and tensor.dtype != want.dtype):
+            raise CheckpointError(f"{source}: {key} is a {tensor.layout} {tensor.dtype} tensor, the student has "
+                                  f"{want.dtype if want is not None else 'no such'} weights: re-save it with save_student")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{source}: {key} holds {bad:,} NaN or infinite value(s); this student cannot "
+                                  "be simulated or exported: distil it again or use an earlier checkpoint")
+        if key.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any()):
+            raise CheckpointError(f"{source}: {key} has negative BatchNorm variances; the file is corrupt")
+
+
 def load_student(path: Path) -> nn.Module:
-    """Rebuild a student saved by :func:`save_student` (eval mode, on the CPU)."""
+    """Rebuild a student saved by :func:`save_student` (eval mode, on the CPU), validated first:
+    the format, every config key's type and range, then the weights against the architecture
+    the config describes, built on torch's meta device (no memory) so that a file cannot make
+    us allocate more than it holds; every tensor finite and of the student's dtype."""
     payload = load_torch(path, "student checkpoint")
+    source = f"student checkpoint {path}"
     if not isinstance(payload, dict) or payload.get("format") != STUDENT_FORMAT:
         raise CheckpointError(f"{path} is not a stars-deploy student (expected format {STUDENT_FORMAT})")
-    model = build_student(StudentConfig.from_dict(payload["config"]))
-    fit_state_dict(model, payload["state_dict"], f"student checkpoint {path}")
+    if "config" not in payload or "state_dict" not in payload:
+        raise CheckpointError(f"{source} lacks {'config' if 'config' not in payload else 'state_dict'}: "
+                              "the file is incomplete; save the student again")
+    config = _check_config(payload["config"], source)
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{source} holds no state_dict of tensors")
+    if config.depth > len(state):  # every layer has weights: a deeper config is not this file's
+        raise CheckpointError(f"{source}: config.depth = {config.depth} but the file holds {len(state)} tensors")
+    with torch.device("meta"):
+        skeleton = build_student(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # copying into meta tensors is a no-op, as intended
+        fit_state_dict(skeleton, state, source)  # missing, unexpected, mis-shaped keys: before allocating
+    _check_weights(state, skeleton.state_dict(), source)
+    model = build_student(config)
+    fit_state_dict(model, state, source)
     return model.eval()
