@@ -49,6 +49,8 @@ from .nir_validate import CHECKSUM_KEY, JSON_KEYS, NIRFormatError, decode_metada
 
 NIR_FORMAT = "stars-deploy/nir-v1"  # the words of the other keys: stars_deploy/vocabulary.py
 MAX_FILE_BYTES = 2**31  # more than any graph within nir_validate's bounds needs
+METADATA_KEYS = ("format", "dt_s", "integrator", "reset", "state_init", "timesteps", "encoding", "normalization",
+                 "class_names", "readout", "spike_layers", "student_family", CHECKSUM_KEY)  # all a writer of ours sets
 
 __all__ = ["NIR_FORMAT", "NIRFormatError", "decode_metadata", "encode_metadata", "nir_bytes", "read_nir", "write_nir"]
 
@@ -66,7 +68,7 @@ def read_nir(path: Path) -> nir.NIRGraph:
     if path.stat().st_size > MAX_FILE_BYTES:
         raise NIRFormatError(f"NIR file {path} is {path.stat().st_size:,} bytes, more than any graph "
                              f"stars-deploy reads ({MAX_FILE_BYTES:,})")
-    validate_file(path)
+    validate_file(path, own_format=NIR_FORMAT, own_keys=METADATA_KEYS)
     try:
         return nir.read(path, type_check=True)
     except Exception as exc:  # nir's own ValueError/KeyError and type-check failures, after validation

@@ -433,9 +433,12 @@ def file_sha256(handle: h5py.File, source: str = "graph") -> str:
     return content_sha256({path: entry.dataset[()] for path, entry in _collect(source, handle).items()})
 
 
-def validate_file(path: Path, source: str | None = None) -> None:
+def validate_file(path: Path, source: str | None = None, own_format: str | None = None,
+                  own_keys: tuple[str, ...] = ()) -> None:
     """Steps 1-5 of the module docstring for the .nir file at ``path``; raises NIRFormatError
-    naming the file and the node, field or metadata key. Nothing is allocated beyond the bounds."""
+    naming the file and the node, field or metadata key. Nothing is allocated beyond the bounds.
+    A file whose metadata format is ``own_format`` (ours) may hold only the metadata keys
+    ``own_keys``: a key whose name a bit flip changed (sha256 -> sha2R6) is refused, not skipped."""
     source = source or str(path)
     try:
         handle = h5py.File(path, "r")
@@ -444,7 +447,7 @@ def validate_file(path: Path, source: str | None = None) -> None:
                              f"({_first_line(exc)})") from None
     with handle:
         try:
-            _validate_open_file(source, handle)
+            _validate_open_file(source, handle, own_format, own_keys)
         except NIRFormatError:
             raise
         except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
@@ -458,7 +461,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _validate_open_file(source: str, handle: h5py.File) -> None:
+def _validate_open_file(source: str, handle: h5py.File, own_format: str | None, own_keys: tuple[str, ...]) -> None:
     if not isinstance(handle.get("node"), h5py.Group):
         raise NIRFormatError(f"{source} is an HDF5 file without a NIR graph (no group 'node')")
     entries = _collect(source, handle)
@@ -489,6 +492,10 @@ def _validate_open_file(source: str, handle: h5py.File) -> None:
     raw = {path.removeprefix("node/metadata/"): value for path, value in values.items()
            if path.startswith("node/metadata/") and path.count("/") == 2}
     metadata = decode_metadata(raw, source)  # 4.
+    unknown = sorted(set(metadata) - set(own_keys)) if own_format and metadata.get("format") == own_format else []
+    if unknown:
+        raise NIRFormatError(f"{source}: metadata {unknown[0]!r} is not a key {own_format} files have: the file "
+                             "is corrupt or was edited; export it again")
     check_metadata(metadata, source, budget.node_names, budget.input_channels, budget.output_sizes)
     if CHECKSUM_KEY in metadata:  # 5.
         computed = content_sha256(values)

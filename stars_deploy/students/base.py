@@ -16,7 +16,10 @@ logits_t = W s_t + b, and the student's logits are their mean over the T steps.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -138,13 +141,30 @@ def build_student(config: StudentConfig) -> nn.Module:
     return student_family(config.family).build(config)
 
 
+def student_sha256(config: dict, state: dict[str, torch.Tensor]) -> str:
+    """The checksum a student file carries: sha256 over the config as sorted-key JSON, then for
+    every tensor in key order ``NUL key NUL dtype NUL shape NUL`` and its bytes in C order."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"\0{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_student(path: Path, model: nn.Module) -> None:
-    """Atomically write ``{'format', 'config', 'state_dict'}``, loadable with weights_only=True."""
+    """Atomically write ``{'format', 'config', 'state_dict', 'sha256'}``, loadable with
+    weights_only=True; the checksum (:func:`student_sha256`) lets the reader refuse a file whose
+    weights or config changed after it was written."""
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    save_torch(path, {"format": STUDENT_FORMAT, "config": model.config.to_dict(), "state_dict": state})
+    config = model.config.to_dict()
+    save_torch(path, {"format": STUDENT_FORMAT, "config": config, "state_dict": state,
+                      "sha256": student_sha256(config, state)})
 
 
 CONFIG_INTEGERS = ("num_classes", "width", "depth", "timesteps")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+STUDENT_KEYS = ("format", "config", "state_dict", "sha256")
 
 
 def _number(value, integer: bool = False) -> bool:
@@ -199,11 +219,24 @@ def _check_weights(state: dict, expected: dict[str, torch.Tensor], source: str) 
             raise CheckpointError(f"{source}: {key} has negative BatchNorm variances; the file is corrupt")
 
 
+def _check_sha256(payload: dict, state: dict, source: str) -> None:
+    stored = payload["sha256"]
+    try:
+        computed = student_sha256(payload["config"], state)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: config is not plain JSON data; the file is corrupt") from None
+    if not isinstance(stored, str) or not SHA256_HEX.fullmatch(stored) or computed != stored:
+        raise CheckpointError(f"{source}: checksum mismatch: its config and weights hash to sha256 "
+                              f"{computed[:12]}..., the file says {str(stored)[:12]}...; it was modified or "
+                              "corrupted after it was saved: distil again, or resume from the run's checkpoint")
+
+
 def load_student(path: Path) -> nn.Module:
     """Rebuild a student saved by :func:`save_student` (eval mode, on the CPU), validated first:
     the format, every config key's type and range, then the weights against the architecture
     the config describes, built on torch's meta device (no memory) so that a file cannot make
-    us allocate more than it holds; every tensor finite and of the student's dtype."""
+    us allocate more than it holds; every tensor finite and of the student's dtype. A file that
+    carries ``sha256`` (every one :func:`save_student` writes) must hash to it."""
     payload = load_torch(path, "student checkpoint")
     source = f"student checkpoint {path}"
     if not isinstance(payload, dict) or payload.get("format") != STUDENT_FORMAT:
@@ -211,11 +244,17 @@ def load_student(path: Path) -> nn.Module:
     if "config" not in payload or "state_dict" not in payload:
         raise CheckpointError(f"{source} lacks {'config' if 'config' not in payload else 'state_dict'}: "
                               "the file is incomplete; save the student again")
-    config = _check_config(payload["config"], source)
+    unknown = sorted(set(payload) - set(STUDENT_KEYS), key=str)
+    if unknown:  # e.g. 'sha256' renamed by a bit flip: refused rather than read as a file without one
+        raise CheckpointError(f"{source} has key {unknown[0]!r}, which student files do not have: the file is "
+                              "corrupt or was edited")
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise CheckpointError(f"{source} holds no state_dict of tensors")
+    if "sha256" in payload:  # files saved before students carried checksums are validated only
+        _check_sha256(payload, state, source)
+    config = _check_config(payload["config"], source)
     if config.depth > len(state):  # every layer has weights: a deeper config is not this file's
         raise CheckpointError(f"{source}: config.depth = {config.depth} but the file holds {len(state)} tensors")
     with torch.device("meta"):
