@@ -41,7 +41,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import select
+import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +74,13 @@ MAX_NEURONS = 2**24
 MAX_SYNAPSES = 2**27
 MAX_SHAPE_DIMS = 8
 TEXT_ITEM_BYTES = 16  # what one variable-length string counts towards MAX_ARRAY_BYTES before it is read
+# The HDF5 library parses the file in C, and a damaged file can make it loop forever (a global
+# heap object of size 0: a fuzzed .nir did) or crash. Validation therefore runs in a forked child
+# with a deadline of READ_TIMEOUT_S plus the file's size at READ_BYTES_PER_S; only a file that
+# the child read in full is then read by nir.read here, along the same code paths.
+READ_TIMEOUT_S = 5.0
+READ_BYTES_PER_S = 10 * 2**20
+CHILD_MESSAGE_BYTES = 4096
 
 # NIR 1.0.8's node types (nir.read's read_node) and the fields nir.read needs from each
 REQUIRED_FIELDS = {
@@ -438,8 +449,62 @@ def validate_file(path: Path, source: str | None = None, own_format: str | None 
     """Steps 1-5 of the module docstring for the .nir file at ``path``; raises NIRFormatError
     naming the file and the node, field or metadata key. Nothing is allocated beyond the bounds.
     A file whose metadata format is ``own_format`` (ours) may hold only the metadata keys
-    ``own_keys``: a key whose name a bit flip changed (sha256 -> sha2R6) is refused, not skipped."""
+    ``own_keys``: a key whose name a bit flip changed (sha256 -> sha2R6) is refused, not skipped.
+    Where the OS can fork, the HDF5 library reads the file in a child process (READ_TIMEOUT_S)."""
     source = source or str(path)
+    if not hasattr(os, "fork"):
+        return _validate_here(path, source, own_format, own_keys)
+    deadline_s = READ_TIMEOUT_S + Path(path).stat().st_size / READ_BYTES_PER_S
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: validate, report one message, leave without running the parent's exit hooks
+        os.close(read_end)
+        status, message = 0, b""
+        try:
+            _validate_here(path, source, own_format, own_keys)
+        except NIRFormatError as exc:
+            status, message = 1, str(exc).encode("utf8", "replace")
+        except BaseException as exc:  # a bug of ours, shown to the parent as one
+            status, message = 2, f"{type(exc).__name__}: {exc}".encode("utf8", "replace")
+        os.write(write_end, message[:CHILD_MESSAGE_BYTES])
+        os._exit(status)
+    os.close(write_end)
+    try:
+        status, message = _wait_for_child(pid, read_end, deadline_s)
+    finally:
+        os.close(read_end)
+    if status == "timeout":
+        raise NIRFormatError(f"cannot read {source} as a NIR graph: the HDF5 library did not finish reading it in "
+                             f"{deadline_s:.0f} s (a damaged file can make it loop): the file is corrupt; export it again")
+    if os.WIFSIGNALED(status):
+        raise NIRFormatError(f"cannot read {source} as a NIR graph: the HDF5 library crashed reading it (signal "
+                             f"{os.WTERMSIG(status)}): the file is corrupt; export it again")
+    code = os.WEXITSTATUS(status)
+    if code == 1:
+        raise NIRFormatError(message)
+    if code != 0:
+        raise RuntimeError(f"validating {source} failed in the reader itself: {message}")
+
+
+def _wait_for_child(pid: int, read_end: int, deadline_s: float) -> tuple[int | str, str]:
+    """(wait status or "timeout", the child's message); a child past its deadline is killed."""
+    chunks, end = [], time.monotonic() + deadline_s
+    while True:
+        remaining = end - time.monotonic()
+        ready, _, _ = select.select([read_end], [], [], max(0.0, remaining))
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "timeout", ""
+        chunk = os.read(read_end, CHILD_MESSAGE_BYTES)
+        if not chunk:  # the child closed its end: it has exited, or is exiting
+            break
+        chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    return status, b"".join(chunks).decode("utf8", "replace")
+
+
+def _validate_here(path: Path, source: str, own_format: str | None, own_keys: tuple[str, ...]) -> None:
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:

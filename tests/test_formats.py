@@ -20,6 +20,7 @@ from stars_deploy.distill.pool import POOL_CHUNK_FORMAT, SyntheticPool, images_s
 from stars_deploy.errors import CheckpointError, DataError
 from stars_deploy.exporters.nir_export import student_to_nir
 from stars_deploy.exporters.nir_format import NIRFormatError, decode_metadata, read_nir, write_nir
+from stars_deploy.exporters import nir_validate
 from stars_deploy.exporters.nir_validate import CHECKSUM_PATH, content_sha256, file_sha256
 from stars_deploy.fileio import load_torch
 from stars_deploy.students import StudentConfig, build_student, load_student, save_student
@@ -151,6 +152,23 @@ def test_a_file_from_another_tool_is_validated_without_a_checksum(nir_file):
     edit_nir(nir_file, set_element("node/nodes/readout/weight", (2, 2), np.nan), rehash=False)
     with pytest.raises(NIRFormatError, match=r"node 'readout' \(Affine\) field 'weight' holds 1 NaN"):
         load_reference(nir_file)
+
+
+def test_a_file_that_makes_the_hdf5_library_loop_is_refused_at_the_deadline(nir_file, monkeypatch):
+    # zero the header of the second object of the global heap (where HDF5 keeps variable-length
+    # strings): a free-space object of size 0, which libhdf5 1.14 parses without ever advancing
+    data = bytearray(nir_file.read_bytes())
+    heap = data.index(b"GCOL")
+    first = heap + 16  # after 'GCOL', version, 3 reserved bytes and the 8-byte collection size
+    size = int.from_bytes(data[first + 8:first + 16], "little")
+    second = first + 16 + (size + 7) // 8 * 8
+    data[second:second + 32] = bytes(32)
+    nir_file.write_bytes(bytes(data))
+    monkeypatch.setattr(nir_validate, "READ_TIMEOUT_S", 1.0)
+    start = time.perf_counter()
+    with pytest.raises(NIRFormatError, match=r"s.nir as a NIR graph: the HDF5 library did not finish reading it in 1 s"):
+        read_nir(nir_file)
+    assert time.perf_counter() - start < 10
 
 
 def test_a_directory_or_a_non_hdf5_file_is_named_for_what_it_is(tmp_path):
