@@ -120,7 +120,7 @@ def read_json(path: Path, what: str = "file") -> Any:
         return json.loads(path.read_bytes().decode("utf8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{what} {path} is not valid JSON ({_one_line(str(exc)) or type(exc).__name__}); "
-                              "restore it or start the run again") from None
+                              "re-run the command that wrote it") from None
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
