@@ -215,7 +215,7 @@ def test_fuzz_nir(tmp_path, random_student, monkeypatch):
     rng = np.random.default_rng(SEED)
     run_field_cases("nir", nir_field_cases(original, tmp_path, rng), read_nir, NIRFormatError)
     tally = run_byte_cases("nir", original, tmp_path / "case.nir", read_nir, NIRFormatError,
-                           lambda graph: _graph_content(graph) == expected, rng, count=90, budget_s=2 * CASE_BUDGET_S)
+                           lambda graph: _graph_content(graph) == expected, rng, count=90, budget_s=1.5 * CASE_BUDGET_S)
     print(f"nir: {tally}")
 
 
@@ -548,10 +548,6 @@ def test_fuzzed_files_through_the_cli_exit_2_in_one_line(tmp_path, digits_run_di
     flipped[clean.index(needle) + int(rng.integers(16))] ^= 1 << int(rng.integers(8))
     student.write_bytes(bytes(flipped))
     assert_clean_exit_2(cli("export", "--target", "nir", str(run_dir), cwd=tmp_path), "checksum mismatch")
-    student.write_bytes(rng.bytes(len(clean)))  # random bytes: never torch's weights_only advice
-    result = cli("export", "--target", "nir", str(run_dir), cwd=tmp_path)
-    assert_clean_exit_2(result, "the file is truncated, corrupt or not a PyTorch checkpoint")
-    assert "weights_only" not in result.stderr
 
     student.write_bytes(clean)
     write_nir(tmp_path / "s.nir", student_to_nir(load_student(student)))
