@@ -459,20 +459,28 @@ def validate_file(path: Path, source: str | None = None, own_format: str | None 
     deadline_s = READ_TIMEOUT_S + Path(path).stat().st_size / READ_BYTES_PER_S
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: validate, report one message, leave without running the parent's exit hooks
-        os.close(read_end)
-        status, message = 0, b""
+    if pid == 0:  # the child: validate, report one message, never return into the parent's code
+        status = 3
         try:
-            _validate_here(path, source, own_format, own_keys)
-        except NIRFormatError as exc:
-            status, message = 1, str(exc).encode("utf8", "replace")
-        except BaseException as exc:  # a bug of ours, shown to the parent as one
-            status, message = 2, f"{type(exc).__name__}: {exc}".encode("utf8", "replace")
-        os.write(write_end, message[:CHILD_MESSAGE_BYTES])
-        os._exit(status)
+            os.close(read_end)
+            message = b""
+            try:
+                _validate_here(path, source, own_format, own_keys)
+                status = 0
+            except NIRFormatError as exc:
+                status, message = 1, str(exc).encode("utf8", "replace")
+            except BaseException as exc:  # a bug of ours, shown to the parent as one
+                status, message = 2, f"{type(exc).__name__}: {exc}".encode("utf8", "replace")
+            os.write(write_end, message[:CHILD_MESSAGE_BYTES])
+        finally:
+            os._exit(status)  # no exit hooks, no flushing of the parent's buffers
     os.close(write_end)
     try:
         status, message = _wait_for_child(pid, read_end, deadline_s)
+    except BaseException:  # e.g. Ctrl-C while waiting: a looping child must not outlive us
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
     finally:
         os.close(read_end)
     if status == "timeout":

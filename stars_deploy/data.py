@@ -94,7 +94,7 @@ def check_labels(labels, count: int, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _npz_header(archive, key: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+def _npz_header(archive, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of one array of an .npz from its .npy header; its data is not read."""
     with archive.zip.open(f"{key}.npy") as handle:
         version = np.lib.format.read_magic(handle)
@@ -117,7 +117,7 @@ def load_npz(path: Path) -> EvalData:
             if "images" not in archive or "labels" not in archive:
                 raise DataError(f"{path} needs arrays 'images' and 'labels'; it has "
                                 f"{', '.join(archive.files) or 'none'}")
-            shape, dtype = _npz_header(archive, "images", path)
+            shape, dtype = _npz_header(archive, "images")
             if len(shape) not in (3, 4) or dtype != np.uint8:
                 raise DataError(f"{path}: 'images' must be (N, H, W, C) uint8, got {shape} {dtype}: convert "
                                 "them to 8-bit pixels")
@@ -125,7 +125,7 @@ def load_npz(path: Path) -> EvalData:
                 raise DataError(f"{path}: 'images' {shape} would take "
                                 f"{byte_size(int(np.prod(shape, dtype=np.float64)))} (more than "
                                 f"{byte_size(MAX_IMAGE_BYTES)}); evaluate on a subset")
-            label_shape, label_dtype = _npz_header(archive, "labels", path)
+            label_shape, label_dtype = _npz_header(archive, "labels")
             if len(label_shape) != 1 or label_dtype.kind not in "iu":
                 raise DataError(f"{path}: labels must be a 1-D array of integers (class indices), got "
                                 f"{label_shape} {label_dtype}; save them as int64")
