@@ -298,8 +298,10 @@ def _check_field(source: str, node: _Node, name: str, entry: _Entry, value) -> N
     array = np.asarray(value)
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
-        raise NIRFormatError(f"{source}: {label} holds {bad:,} NaN or infinite value(s) of {array.size:,}; "
-                             "export it again from a student with finite weights")
+        # worded as the Loihi lowering words it (loihi_export), so both name the node the same way
+        raise NIRFormatError(f"{source}: node {node.where!r} has {bad:,} NaN or Inf {name} value(s) of "
+                             f"{array.size:,} ({node.kind} field {name!r}); it cannot be simulated or lowered: "
+                             "export it again from finite weights")
     if name in TIME_CONSTANTS and array.size and float(array.min()) <= 0:
         raise NIRFormatError(f"{source}: {label} has time constants down to {float(array.min()):g} s; "
                              "time constants must be > 0")
