@@ -255,7 +255,7 @@ def check_bf16(weights: Path | None, device, batch_size: int, steps: int) -> tup
                 dtypes.clear()
                 config = SynthesisConfig(batch_size=batch_size, steps=steps, teacher_bf16=bf16,
                                          student_every=max(1, steps // 2), **extra)
-                synthesizer = PixelSynthesizer(teacher, normalizer, config, spec.num_classes, spec.architecture.hflip)
+                synthesizer = PixelSynthesizer(teacher, normalizer, config, spec.num_classes, spec.flips)
                 images, terms = synthesizer.synthesize(student if objective == "stars" else None,
                                                        spec.input_shape, device)
                 if bf16:

@@ -61,7 +61,7 @@ from stars_deploy.hardware.loihi import (ACTIVATION_SHIFT, BIAS_MANT_MAX, DECAY_
 from stars_deploy.layout import export_dir
 from stars_deploy.units import text_table
 
-from .netx_format import NETX_FORMAT, InputStage, NetxLayer, NetxNetwork, NeuronConfig, write_network
+from .netx_format import NETX_FORMAT, InputStage, NetxLayer, NetxNetwork, NeuronConfig, conv_output_shape, write_network
 from .nir_export import export_nir, graph_layer_table
 from .nir_format import decode_metadata, read_nir
 from .records import file_entries, merge_record
@@ -70,13 +70,17 @@ from .registry import ExportOptions, export_kind
 READOUT_V_DECAY = V_DECAY_MAX  # the readout keeps (almost) all of v: it never spikes anyway
 DEFAULT_INPUT_RANGE = (0.0, 1.0)
 SYNAPSES = (nir.Conv2d, nir.Affine, nir.Linear)
+POOLS = (nir.SumPool2d, nir.AvgPool2d)
+NEURONS = (nir.LIF, nir.IF)
+LINEAR = SYNAPSES + POOLS + (nir.Flatten,)
+POOL_ADVICE = ("netx cannot run pooling on its own: put it next to a convolution (or before Flatten -> Affine), "
+               "which absorbs it, or use a strided convolution instead")
 ADVICE = {
-    nir.SumPool2d: "netx cannot run pooling: use a strided convolution instead (the convnet student family)",
-    nir.AvgPool2d: "netx cannot run pooling: use a strided convolution instead (the convnet student family)",
+    nir.SumPool2d: POOL_ADVICE,
+    nir.AvgPool2d: POOL_ADVICE,
     nir.CubaLIF: "only current-free LIF neurons are lowered (a synaptic current with a bias has no netx "
                  "equivalent): export a student with tau_syn_steps=None",
     nir.LI: "netx has no leaky-integrator output: end the graph with an Affine readout",
-    nir.IF: "only LIF neurons are lowered: give the neuron a time constant (nir.LIF)",
     nir.Delay: "netx files hold no delays",
 }
 
@@ -87,6 +91,8 @@ class LoihiExportError(StarsDeployError):
 
 def _uniform(source: str, name: str, field: str, values) -> float:
     array = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise LoihiExportError(f"{source}: node {name!r} has a NaN or Inf {field}; give finite values")
     if array.size and not np.all(array == array.flat[0]):
         raise LoihiExportError(f"{source}: node {name!r} has per-neuron {field} ({array.min():g}..{array.max():g}); "
                                "netx holds one value per layer: make it uniform")
@@ -99,6 +105,7 @@ def _chain(graph: nir.NIRGraph, source: str) -> list[str]:
     for a, b in graph.edges:
         inputs_of[b].append(a)
         successors[a].append(b)
+
     def reaches(start: str, goal: str) -> bool:
         stack, seen = [start], set()
         while stack:
@@ -144,42 +151,211 @@ def _chain(graph: nir.NIRGraph, source: str) -> list[str]:
 
 
 def _check_type(source: str, name: str, node) -> None:
-    allowed = (nir.Input, nir.Output, nir.Flatten, nir.LIF) + SYNAPSES
+    allowed = (nir.Input, nir.Output) + LINEAR + NEURONS
     if not isinstance(node, allowed):
-        advice = ADVICE.get(type(node), "supported: Input, Conv2d, Affine, Linear, Flatten, LIF, Output")
+        advice = ADVICE.get(type(node), "supported: Input, Conv2d, Affine, Linear, Flatten, SumPool2d, AvgPool2d, "
+                                        "LIF, IF, Output")
         raise LoihiExportError(f"{source}: node {name!r} is a {type(node).__name__}: {advice}")
 
 
-def _synapse(source: str, name: str, node) -> dict:
-    """Float64 weight, bias and geometry of a Conv2d/Affine/Linear node."""
-    weight = np.asarray(node.weight, dtype=np.float64)
+def _pair(value) -> tuple[int, int]:
+    return tuple(int(x) for x in np.broadcast_to(np.atleast_1d(np.asarray(value)), (2,)))
+
+
+def _finite(source: str, name: str, field: str, array) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        bad = int((~np.isfinite(array)).sum())
+        raise LoihiExportError(f"{source}: node {name!r} has {bad} NaN or Inf {field} value(s); a chip holds "
+                               "finite integers only: retrain or repair the weights")
+    return array
+
+
+def _synapse(source: str, name: str, node, in_shape: tuple[int, ...]) -> dict:
+    """Float64 weight, bias and geometry of a Conv2d/Affine/Linear node on an ``in_shape`` input."""
+    weight = _finite(source, name, "weight", node.weight)
     if isinstance(node, nir.Conv2d):
         if isinstance(node.padding, str):
             raise LoihiExportError(f"{source}: node {name!r} uses padding {node.padding!r}; give integer padding")
-        pair = lambda v: tuple(int(x) for x in np.broadcast_to(np.atleast_1d(v), (2,)))  # noqa: E731
-        bias = np.zeros(weight.shape[0]) if node.bias is None else np.asarray(node.bias, dtype=np.float64)
-        return dict(kind="conv", weight=weight, bias=np.broadcast_to(bias, (weight.shape[0],)).copy(),
-                    stride=pair(node.stride), padding=pair(node.padding), dilation=pair(node.dilation),
-                    groups=int(node.groups), out_shape=tuple(int(s) for s in node.output_type["output"]))
-    bias = np.asarray(node.bias, dtype=np.float64) if isinstance(node, nir.Affine) else np.zeros(weight.shape[0])
-    return dict(kind="dense", weight=weight, bias=bias, out_shape=(weight.shape[0],))
+        bias = np.zeros(weight.shape[0]) if node.bias is None else _finite(source, name, "bias", node.bias)
+        syn = dict(kind="conv", weight=weight, bias=np.broadcast_to(bias, (weight.shape[0],)).copy(),
+                   stride=_pair(node.stride), padding=_pair(node.padding), dilation=_pair(node.dilation),
+                   groups=int(node.groups), in_shape=in_shape)
+        if len(in_shape) != 3 or weight.shape[1] * syn["groups"] != in_shape[0]:
+            raise LoihiExportError(f"{source}: node {name!r}: weight {list(weight.shape)} does not take the "
+                                   f"{list(in_shape)} input it is given")
+        syn["out_shape"] = conv_output_shape(in_shape, weight.shape[0], weight.shape[2:], syn["stride"],
+                                             syn["padding"], syn["dilation"])
+        return syn
+    bias = _finite(source, name, "bias", node.bias) if isinstance(node, nir.Affine) else np.zeros(weight.shape[0])
+    if weight.ndim != 2 or weight.shape[1] != int(np.prod(in_shape)):
+        raise LoihiExportError(f"{source}: node {name!r}: weight {list(weight.shape)} does not take the "
+                               f"{int(np.prod(in_shape))} inputs it is given")
+    return dict(kind="dense", weight=weight, bias=np.broadcast_to(bias, (weight.shape[0],)).copy(),
+                in_shape=in_shape, out_shape=(weight.shape[0],))
 
 
-def _lif(source: str, name: str, node: nir.LIF, dt_s: float) -> dict:
+def _pool(source: str, name: str, node, in_shape: tuple[int, ...]) -> dict:
+    """A pool as a fold: kernel = stride (tiling), no padding, the input divisible by it."""
+    kernel, stride, padding = _pair(node.kernel_size), _pair(node.stride), _pair(node.padding)
+    kind = type(node).__name__
+    if len(in_shape) != 3:
+        raise LoihiExportError(f"{source}: node {name!r} is a {kind} on a {list(in_shape)} input; "
+                               f"{POOL_ADVICE}")
+    if kernel != stride or any(padding) or in_shape[1] % kernel[0] or in_shape[2] % kernel[1]:
+        raise LoihiExportError(f"{source}: node {name!r} is a {kind} {kernel[0]}x{kernel[1]}/{stride[0]}, padding "
+                               f"{list(padding)} on {list(in_shape)}: only non-overlapping pools that tile the input "
+                               f"fold exactly into a convolution; {POOL_ADVICE}")
+    weight = 1.0 if isinstance(node, nir.SumPool2d) else 1.0 / (kernel[0] * kernel[1])
+    return dict(kernel=kernel, weight=weight, kind=kind,
+                out_shape=(in_shape[0], in_shape[1] // kernel[0], in_shape[2] // kernel[1]))
+
+
+def _fold_pool_before(syn: dict, pool: dict, pool_in: tuple[int, ...]) -> str:
+    """Pool (kernel k = stride) then ``syn``, as one synapse on the pool's input: for a conv,
+    kernel K k, stride s k, padding p k and W'[m] = w_pool W[m // k]; for Flatten -> dense,
+    each weight repeated over the k x k inputs its pooled input summed."""
+    kh, kw = pool["kernel"]
+    if syn["kind"] == "conv":
+        if syn["dilation"] != (1, 1):
+            raise LoihiExportError("a dilated convolution after a pool does not fold")
+        syn["weight"] = np.repeat(np.repeat(syn["weight"], kh, axis=2), kw, axis=3) * pool["weight"]
+        syn["stride"] = (syn["stride"][0] * kh, syn["stride"][1] * kw)
+        syn["padding"] = (syn["padding"][0] * kh, syn["padding"][1] * kw)
+        what = (f"into a {syn['weight'].shape[2]}x{syn['weight'].shape[3]}/{syn['stride'][0]} convolution, padding "
+                f"{syn['padding'][0]}")
+    else:
+        channels, height, width = pool["out_shape"]
+        weight = syn["weight"].reshape(-1, channels, height, width)
+        weight = np.repeat(np.repeat(weight, kh, axis=2), kw, axis=3) * pool["weight"]
+        syn["weight"] = weight.reshape(weight.shape[0], -1)
+        what = f"into the dense weights ({syn['weight'].shape[1]} inputs)"
+    syn["in_shape"] = pool_in
+    return what
+
+
+def _fold_pool_after(syn: dict, pool: dict) -> str:
+    """``syn`` (a convolution) then a pool, as one convolution: taps m = s a + k of the pool's
+    offsets a, stride s k, the same padding; the bias summed over the pool window."""
+    if syn["kind"] != "conv" or syn["dilation"] != (1, 1):
+        raise LoihiExportError("only an undilated convolution absorbs the pool after it")
+    (kh, kw), (sh, sw) = pool["kernel"], syn["stride"]
+    out, inp, height, width = syn["weight"].shape
+    folded = np.zeros((out, inp, sh * (kh - 1) + height, sw * (kw - 1) + width))
+    for a in range(kh):
+        for b in range(kw):
+            folded[:, :, sh * a:sh * a + height, sw * b:sw * b + width] += syn["weight"]
+    syn["weight"] = folded * pool["weight"]
+    syn["bias"] = syn["bias"] * pool["weight"] * kh * kw
+    syn["stride"] = (sh * kh, sw * kw)
+    return f"into a {folded.shape[2]}x{folded.shape[3]}/{syn['stride'][0]} convolution"
+
+
+def _segment(graph: nir.NIRGraph, names: list[str], in_shape: tuple[int, ...], source: str
+             ) -> tuple[dict, bool, list[dict]]:
+    """The linear nodes between two neurons as one synapse: (synapse, flatten before?, rewrites).
+
+    Pools fold into the convolution (or the Flatten -> dense) next to them, exactly (the same
+    linear map, in float64); everything is quantised once, afterwards."""
+    kinds = [graph.nodes[n] for n in names]
+    synapses = [i for i, node in enumerate(kinds) if isinstance(node, SYNAPSES)]
+    if len(synapses) != 1:
+        where = names[synapses[1]] if len(synapses) > 1 else (names[0] if names else "the neuron")
+        if not synapses and names and isinstance(kinds[0], POOLS):
+            raise LoihiExportError(f"{source}: node {names[0]!r} is a {type(kinds[0]).__name__} with no convolution "
+                                   f"or dense synapse beside it: {POOL_ADVICE}")
+        raise LoihiExportError(f"{source}: node {where!r}: the lowering needs exactly one Conv2d, Affine or Linear "
+                               "synapse between two neurons (two synapses in a row are not lowered: fold them, or "
+                               "put a neuron between them)")
+    index = synapses[0]
+    shapes, shape = [], in_shape
+    for name, node in zip(names[:index], kinds[:index]):
+        shapes.append(shape)
+        if isinstance(node, nir.Flatten):
+            shape = (int(np.prod(shape)),)
+        else:
+            shape = _pool(source, name, node, shape)["out_shape"]
+    flatten = any(isinstance(node, nir.Flatten) for node in kinds)
+    if any(isinstance(node, nir.Flatten) for node in kinds[index:]) or (
+            flatten and not isinstance(kinds[index - 1], nir.Flatten)):
+        raise LoihiExportError(f"{source}: node {names[index]!r}: a Flatten is only lowered right before a dense "
+                               "synapse")
+    syn = _synapse(source, names[index], kinds[index], shape)
+    rewrites = []
+    for position in range(index - 1, -1, -1):
+        node = kinds[position]
+        if isinstance(node, nir.Flatten):
+            continue
+        pool = _pool(source, names[position], node, shapes[position])
+        try:
+            what = _fold_pool_before(syn, pool, shapes[position])
+        except LoihiExportError as exc:
+            raise LoihiExportError(f"{source}: node {names[position]!r} is a {pool['kind']}: {exc}; "
+                                   f"{POOL_ADVICE}") from None
+        rewrites.append({"node": names[position], "rewrite": f"{pool['kind']} {pool['kernel'][0]}x{pool['kernel'][1]} "
+                                                             f"folded into {names[index]!r} {what} (exact)"})
+    out_shape = syn["out_shape"]
+    for name, node in zip(names[index + 1:], kinds[index + 1:]):
+        pool = _pool(source, name, node, out_shape)
+        try:
+            what = _fold_pool_after(syn, pool)
+        except LoihiExportError as exc:
+            raise LoihiExportError(f"{source}: node {name!r} is a {pool['kind']}: {exc}; {POOL_ADVICE}") from None
+        out_shape = pool["out_shape"]
+        rewrites.append({"node": name, "rewrite": f"{pool['kind']} {pool['kernel'][0]}x{pool['kernel'][1]} folded "
+                                                  f"into {names[index]!r} {what} (exact)"})
+    if syn["kind"] == "conv":
+        folded = conv_output_shape(syn["in_shape"], syn["weight"].shape[0], syn["weight"].shape[2:], syn["stride"],
+                                   syn["padding"], syn["dilation"])
+        if folded != out_shape:
+            raise LoihiExportError(f"{source}: node {names[index]!r}: folding its pools gives {list(folded)}, not "
+                                   f"{list(out_shape)}; {POOL_ADVICE}")
+    syn["out_shape"] = out_shape
+    return syn, flatten, rewrites
+
+
+def _neuron(source: str, name: str, node, dt_s: float, timesteps: int) -> dict:
+    """One neuron node as Loihi's CUBA neuron with iDecay 4096. The fields used downstream:
+    v_decay (12-bit), gain (input -> v per step), bias_leak (the constant drive of v_leak),
+    v_th, growth (how many steps of drive v can accumulate: 4096 / vDecay, or T without leak),
+    and the rewrite shown in the report."""
+    if isinstance(node, nir.IF):
+        # NIR IF: dv/dt = r I, Euler v += dt r x: no leak, v starts at 0
+        v_reset = _uniform(source, name, "v_reset", node.v_reset)
+        if v_reset != 0:
+            raise LoihiExportError(f"{source}: node {name!r} resets to {v_reset:g}; Loihi resets v to 0: "
+                                   "use v_reset = 0")
+        r = _uniform(source, name, "r", node.r)
+        return dict(v_decay=0, a_q=1.0, ratio=0.0, gain=dt_s * r, bias_gain=dt_s * r, bias_leak=0.0, v_leak=0.0,
+                    v_th=_uniform(source, name, "v_threshold", node.v_threshold), growth=timesteps,
+                    rewrite=f"IF -> CUBA LIF with vDecay 0 (no leak), input gain dt r = {dt_s * r:g}")
     tau = _uniform(source, name, "tau", node.tau)
     v_reset = _uniform(source, name, "v_reset", node.v_reset)
-    if v_reset != 0:
+    v_leak = _uniform(source, name, "v_leak", node.v_leak)
+    v_th = _uniform(source, name, "v_threshold", node.v_threshold)
+    rewrite = None
+    if v_leak != 0:
+        # Loihi's v starts at 0 and resets to 0. In w = v - v_leak the LIF is w += a (r x - w),
+        # starting at 0 (v = v_leak, as the reference starts) and resetting to v_reset - v_leak:
+        # exact when that is 0, with the threshold v_th - v_leak
+        if v_reset != v_leak:
+            raise LoihiExportError(
+                f"{source}: node {name!r} starts at v_leak = {v_leak:g} and resets to {v_reset:g}; Loihi starts v "
+                "at 0 and resets it to 0, and no shift of v makes both 0 unless v_reset = v_leak: use v_leak = 0 or "
+                "v_reset = v_leak")
+        v_th, rewrite = v_th - v_leak, f"v shifted by v_leak = {v_leak:g} (w = v - v_leak starts and resets at 0)"
+    elif v_reset != 0:
         raise LoihiExportError(f"{source}: node {name!r} resets to {v_reset:g}; Loihi resets v to 0: use v_reset = 0")
-    ratio = dt_s / tau
-    v_decay = round(DECAY_SCALE * ratio)
+    ratio = dt_s / tau if tau > 0 else math.inf
+    v_decay = round(DECAY_SCALE * ratio) if math.isfinite(ratio) else 0
     if not 0 < v_decay <= V_DECAY_MAX:
         raise LoihiExportError(f"{source}: node {name!r}: dt/tau = {ratio:g} gives vDecay {v_decay}, outside the "
                                f"12-bit range 1..{V_DECAY_MAX}; at dt = {dt_s:g} s tau must lie in "
                                f"({dt_s * DECAY_SCALE / (V_DECAY_MAX + 0.5):.4g} s, {dt_s * 2 * DECAY_SCALE:.3g} s]: "
                                "change tau or --dt-s")
-    return dict(v_decay=v_decay, a_q=v_decay / DECAY_SCALE, ratio=ratio,
-                r=_uniform(source, name, "r", node.r), v_leak=_uniform(source, name, "v_leak", node.v_leak),
-                v_th=_uniform(source, name, "v_threshold", node.v_threshold))
+    a_q, r = v_decay / DECAY_SCALE, _uniform(source, name, "r", node.r)
+    return dict(v_decay=v_decay, a_q=a_q, ratio=ratio, gain=a_q * r, bias_gain=a_q * r, v_leak=v_leak,
+                bias_leak=0.0, v_th=v_th, growth=DECAY_SCALE / v_decay, rewrite=rewrite)
 
 
 def _same_sign_drive(weight: np.ndarray) -> np.ndarray:
@@ -190,9 +366,10 @@ def _same_sign_drive(weight: np.ndarray) -> np.ndarray:
 
 
 def _quantize(source: str, name: str, weight: np.ndarray, bias: np.ndarray, v_th: float | None,
-              v_decay: int) -> tuple[int, np.ndarray, np.ndarray, int, dict]:
+              growth: float) -> tuple[int, np.ndarray, np.ndarray, int, dict]:
     """(exponent, int weights, int bias, vThMant, report row) for float weights already in
-    units of v per step; v_th None for the never-spiking readout."""
+    units of v per step; v_th None for the never-spiking readout; ``growth``: how many steps
+    of drive v can accumulate (4096 / vDecay with a leak, T without)."""
     largest = float(np.abs(weight).max())
     if largest == 0:
         raise LoihiExportError(f"{source}: node {name!r} has all-zero weights, which netx cannot load; remove the layer")
@@ -213,7 +390,7 @@ def _quantize(source: str, name: str, weight: np.ndarray, bias: np.ndarray, v_th
         bias_int = np.round(bias * scale).astype(np.int64)
         u_max = float((_same_sign_drive(weight_int) << ACTIVATION_SHIFT).max())
         drive = float(((_same_sign_drive(weight_int) + np.abs(bias_int)) << ACTIVATION_SHIFT).max())
-        v_max = drive * DECAY_SCALE / max(v_decay, 1)
+        v_max = drive * growth
         if u_max < STATE_HALF_RANGE and v_max < v_limit:
             break
         exponent -= 1
@@ -264,10 +441,14 @@ def _input_range(metadata: dict, shape: tuple[int, ...]) -> tuple[np.ndarray, np
 
 def _settings(metadata: dict, dt_s: float | None, timesteps: int | None, source: str) -> tuple[float, int]:
     """(dt in seconds, steps per sample): given, else from the graph's metadata."""
-    dt_s = float(dt_s if dt_s is not None else metadata.get(vocabulary.DT_KEY, math.nan))
+    try:
+        dt_s = float(dt_s if dt_s is not None else metadata.get(vocabulary.DT_KEY, math.nan))
+        timesteps = int(timesteps or metadata.get("timesteps", 0))
+    except (TypeError, ValueError):
+        raise LoihiExportError(f"{source}: metadata dt_s or timesteps is not a number: give --dt-s and "
+                               "--timesteps") from None
     if not math.isfinite(dt_s) or dt_s <= 0:
         raise LoihiExportError(f"{source}: the graph has no metadata dt_s: give the integration step (--dt-s SECONDS)")
-    timesteps = int(timesteps or metadata.get("timesteps", 0))
     if timesteps < 1:
         raise LoihiExportError(f"{source}: the graph has no metadata timesteps: give --timesteps")
     if metadata.get("reset") not in (None, *vocabulary.ACCEPTED_RESETS):
@@ -275,95 +456,99 @@ def _settings(metadata: dict, dt_s: float | None, timesteps: int | None, source:
     return dt_s, timesteps
 
 
-def _stages(graph: nir.NIRGraph, body: list[str], output: str, source: str) -> list[tuple[bool, str, str | None]]:
-    """The chain between Input and Output as (flatten before?, synapse, neuron or None) stages."""
-    stages, index = [], 0
-    while index < len(body):
-        flatten = isinstance(graph.nodes[body[index]], nir.Flatten)
-        index += flatten
-        if index >= len(body) or not isinstance(graph.nodes[body[index]], SYNAPSES):
-            where = body[index] if index < len(body) else output
-            raise LoihiExportError(f"{source}: node {where!r} must be a Conv2d, Affine or Linear synapse here; "
-                                   "the lowering needs synapse -> LIF pairs (and an optional final readout)")
-        synapse_name = body[index]
-        neuron_name = body[index + 1] if index + 1 < len(body) else None
-        if neuron_name is not None and not isinstance(graph.nodes[neuron_name], nir.LIF):
-            raise LoihiExportError(f"{source}: node {neuron_name!r} follows synapse {synapse_name!r}; "
-                                   "two synapses in a row are not lowered: fold them or put a LIF between them")
-        stages.append((flatten, synapse_name, neuron_name))
-        index += 2
-    if not stages or stages[0][2] is None:
+def _stages(graph: nir.NIRGraph, body: list[str], source: str) -> list[tuple[list[str], str | None]]:
+    """The chain between Input and Output as (linear nodes, neuron or None) stages; the last
+    stage without a neuron is the non-spiking readout."""
+    stages, current = [], []
+    for name in body:
+        if isinstance(graph.nodes[name], NEURONS):
+            stages.append((current, name))
+            current = []
+        else:
+            current.append(name)
+    if current:
+        stages.append((current, None))
+    if not stages or stages[0][1] is None:
         raise LoihiExportError(f"{source}: the lowering needs a first synapse -> LIF layer (the input layer)")
     return stages
 
 
-def _input_layer(graph: nir.NIRGraph, stage_names: tuple, metadata: dict, input_shape: tuple[int, ...],
-                 dt_s: float, source: str) -> tuple[NetxLayer, InputStage, dict, int]:
-    """The input layer: its synapse runs off-chip, its LIF on chip with the current as bias.
-    Returns (layer, off-chip stage, report row, exponent)."""
-    _, first_synapse, first_neuron = stage_names
-    stage = _synapse(source, first_synapse, graph.nodes[first_synapse])
-    lif = _lif(source, first_neuron, graph.nodes[first_neuron], dt_s)
+def _input_layer(graph: nir.NIRGraph, stage: tuple, metadata: dict, input_shape: tuple[int, ...],
+                 dt_s: float, timesteps: int, source: str) -> tuple[NetxLayer, InputStage, dict, int, list[dict]]:
+    """The input layer: its synapse runs off-chip, its neuron on chip with the current as bias.
+    Returns (layer, off-chip stage, report row, exponent, rewrites)."""
+    names, first_neuron = stage
+    syn, _, rewrites = _segment(graph, names, input_shape, source)
+    lif = _neuron(source, first_neuron, graph.nodes[first_neuron], dt_s, timesteps)
     low, high = _input_range(metadata, input_shape)
-    c_max = _input_bounds(stage, input_shape, low, high)
-    drive = lif["a_q"] * (abs(lif["r"]) * c_max + abs(lif["v_leak"]))
+    c_max = _input_bounds(syn, input_shape, low, high)
+    drive = abs(lif["gain"]) * c_max + abs(lif["bias_leak"])
     if lif["v_th"] <= 0:
-        raise LoihiExportError(f"{source}: node {first_neuron!r} has threshold {lif['v_th']:g}; Loihi needs a positive threshold")
+        raise LoihiExportError(f"{source}: node {first_neuron!r} has threshold {lif['v_th']:g}; Loihi needs a "
+                               "positive threshold")
     limits = [math.floor(math.log2(THRESHOLD_MANT_MAX / lif["v_th"]))]
     if drive > 0:
         limits.append(math.floor(math.log2(BIAS_MANT_MAX / drive)))
     exponent = min(limits)
-    while drive * 2.0**exponent * 2**ACTIVATION_SHIFT * DECAY_SCALE / lif["v_decay"] >= STATE_LIMIT:
+    while drive * 2.0**exponent * 2**ACTIVATION_SHIFT * lif["growth"] >= STATE_LIMIT:
         exponent -= 1  # v would clip before the leak balances the bias
     scale = 2.0 ** exponent
     v_th_mant = int(round(lif["v_th"] * scale))
-    input_stage = InputStage(stage["kind"], stage["weight"], stage["bias"], lif["a_q"] * lif["r"] * scale,
-                             lif["a_q"] * lif["v_leak"] * scale, input_shape,
-                             stage.get("stride", (1, 1)), stage.get("padding", (0, 0)),
-                             stage.get("dilation", (1, 1)), stage.get("groups", 1))
-    layer = NetxLayer("input", stage["out_shape"], NeuronConfig(I_DECAY_NONE, lif["v_decay"], v_th_mant))
+    input_stage = InputStage(syn["kind"], syn["weight"], syn["bias"], lif["gain"] * scale,
+                             lif["bias_leak"] * scale, input_shape,
+                             syn.get("stride", (1, 1)), syn.get("padding", (0, 0)),
+                             syn.get("dilation", (1, 1)), syn.get("groups", 1))
+    layer = NetxLayer("input", syn["out_shape"], NeuronConfig(I_DECAY_NONE, lif["v_decay"], v_th_mant))
+    synapse_name = next(n for n in names if isinstance(graph.nodes[n], SYNAPSES))
     row = {"layer": first_neuron, "kind": "input", "exponent": exponent, "scale": scale,
            "input_current_max": c_max, "bias_mant_max": drive * scale, "bias_resolution": 1 / scale,
            "threshold_mant": v_th_mant, "threshold_error": v_th_mant / scale - lif["v_th"],
-           "v_decay": lif["v_decay"], "decay_error": lif["a_q"] - lif["ratio"],
-           "note": f"synapse {first_synapse!r} runs off-chip; its output is the 13-bit bias of the input layer"}
-    return layer, input_stage, row, exponent
+           "v_decay": lif["v_decay"], "v_decay_exact": DECAY_SCALE * lif["ratio"], "decay_error": lif["a_q"] - lif["ratio"],
+           "note": f"synapse {synapse_name!r} runs off-chip; its output is the 13-bit bias of the input layer"}
+    if lif["rewrite"]:
+        rewrites.append({"node": first_neuron, "rewrite": lif["rewrite"]})
+    return layer, input_stage, row, exponent, rewrites
 
 
-def _chip_layer(graph: nir.NIRGraph, stage_names: tuple, dt_s: float, spike_names: dict,
-                source: str) -> tuple[NetxLayer, dict, dict]:
-    """One on-chip layer (a LIF layer, or the never-spiking readout): (layer, report row, metadata)."""
-    flatten, synapse_name, neuron_name = stage_names
-    syn = _synapse(source, synapse_name, graph.nodes[synapse_name])
+def _chip_layer(graph: nir.NIRGraph, stage: tuple, in_shape: tuple[int, ...], dt_s: float, timesteps: int,
+                spike_names: dict, source: str) -> tuple[NetxLayer, dict, dict, list[dict]]:
+    """One on-chip layer (a LIF/IF layer, or the never-spiking readout): (layer, report row,
+    metadata, rewrites)."""
+    names, neuron_name = stage
+    syn, flatten, rewrites = _segment(graph, names, in_shape, source)
+    synapse_name = next(n for n in names if isinstance(graph.nodes[n], SYNAPSES))
     if neuron_name is None:  # the non-spiking readout
         if syn["kind"] != "dense":
             raise LoihiExportError(f"{source}: readout {synapse_name!r} is a convolution; end with an Affine readout")
         exponent, weight, bias, v_th_mant, row = _quantize(source, synapse_name, syn["weight"], syn["bias"],
-                                                           None, READOUT_V_DECAY)
+                                                           None, DECAY_SCALE / READOUT_V_DECAY)
         neuron = NeuronConfig(I_DECAY_NONE, READOUT_V_DECAY, v_th_mant)
-        row.update(kind="readout", v_decay=READOUT_V_DECAY, decay_error=0.0,
+        row.update(kind="readout", v_decay=READOUT_V_DECAY, v_decay_exact=float(READOUT_V_DECAY), decay_error=0.0,
                    note="never spikes; logits_t = (u_t / 64 + bias) / scale")
         meta = {"spike_name": None, "exponent": exponent, "spiking": False, "node": synapse_name}
     else:
-        lif = _lif(source, neuron_name, graph.nodes[neuron_name], dt_s)
-        factor = lif["a_q"] * lif["r"]
-        bias_float = lif["a_q"] * (lif["r"] * syn["bias"] + lif["v_leak"])
-        exponent, weight, bias, v_th_mant, row = _quantize(source, neuron_name, factor * syn["weight"],
-                                                           bias_float, lif["v_th"], lif["v_decay"])
+        lif = _neuron(source, neuron_name, graph.nodes[neuron_name], dt_s, timesteps)
+        bias_float = lif["bias_gain"] * syn["bias"] + lif["bias_leak"]
+        exponent, weight, bias, v_th_mant, row = _quantize(source, neuron_name, lif["gain"] * syn["weight"],
+                                                           bias_float, lif["v_th"], lif["growth"])
         neuron = NeuronConfig(I_DECAY_NONE, lif["v_decay"], v_th_mant)
-        row.update(kind=syn["kind"], v_decay=lif["v_decay"], decay_error=lif["a_q"] - lif["ratio"])
+        row.update(kind=syn["kind"], v_decay=lif["v_decay"], v_decay_exact=DECAY_SCALE * lif["ratio"],
+                   decay_error=lif["a_q"] - lif["ratio"])
         meta = {"spike_name": spike_names.get(neuron_name, neuron_name), "exponent": exponent, "spiking": True,
                 "node": neuron_name}
+        if lif["rewrite"]:
+            rewrites.append({"node": neuron_name, "rewrite": lif["rewrite"]})
     layer = NetxLayer(syn["kind"], syn["out_shape"], neuron, weight, bias, flatten_before=flatten)
     if syn["kind"] == "conv":
         layer.stride, layer.padding, layer.dilation, layer.groups = (syn["stride"], syn["padding"],
                                                                     syn["dilation"], syn["groups"])
-    return layer, row, meta
+    return layer, row, meta, rewrites
 
 
 def lower_nir(graph: nir.NIRGraph, dt_s: float | None = None, timesteps: int | None = None,
               source: str = "graph") -> tuple[NetxNetwork, list[dict]]:
-    """The netx network and the per-layer quantisation report for a NIR graph."""
+    """The netx network and the per-layer quantisation report for a NIR graph (the rewrites
+    it made, pools folded and IF as LIF, are in ``network.metadata["rewrites"]``)."""
     metadata = decode_metadata(graph.metadata if isinstance(graph.metadata, dict) else {})
     dt_s, timesteps = _settings(metadata, dt_s, timesteps, source)
     order = _chain(graph, source)
@@ -371,21 +556,23 @@ def lower_nir(graph: nir.NIRGraph, dt_s: float | None = None, timesteps: int | N
         _check_type(source, name, graph.nodes[name])
     spike_names = dict(metadata.get("spike_layers", {}))
     input_shape = tuple(int(s) for s in graph.nodes[order[0]].input_type["input"])
-    stages = _stages(graph, order[1:-1], order[-1], source)
-    layer, input_stage, row, exponent = _input_layer(graph, stages[0], metadata, input_shape, dt_s, source)
+    stages = _stages(graph, order[1:-1], source)
+    layer, input_stage, row, exponent, rewrites = _input_layer(graph, stages[0], metadata, input_shape, dt_s,
+                                                               timesteps, source)
     layers, report = [layer], [row]
-    layer_meta = [{"spike_name": spike_names.get(stages[0][2], stages[0][2]), "exponent": exponent,
-                   "spiking": True, "node": stages[0][2]}]
+    layer_meta = [{"spike_name": spike_names.get(stages[0][1], stages[0][1]), "exponent": exponent,
+                   "spiking": True, "node": stages[0][1]}]
     for stage in stages[1:]:
-        layer, row, meta = _chip_layer(graph, stage, dt_s, spike_names, source)
+        layer, row, meta, more = _chip_layer(graph, stage, layers[-1].shape, dt_s, timesteps, spike_names, source)
         layers.append(layer)
         report.append(row)
         layer_meta.append(meta)
+        rewrites += more
     readout = "spikes" if layer_meta[-1]["spiking"] else "current"
     meta = {"format": NETX_FORMAT, vocabulary.DT_KEY: dt_s, "timesteps": timesteps, "readout": readout,
             "pipeline_delay_steps": len(layers) - 1, "layers": layer_meta,
             "normalization": metadata.get("normalization"), "class_names": metadata.get("class_names"),
-            "source": source}
+            "source": source, "rewrites": rewrites}
     return NetxNetwork(layers, input_stage, meta), report
 
 
@@ -427,6 +614,7 @@ def export_loihi(path: Path, options: ExportOptions = ExportOptions()) -> dict:
         "timesteps": meta["timesteps"], "dt_s": meta["dt_s"], "readout": meta["readout"],
         "pipeline_delay_steps": network.pipeline_delay_steps, "parameters": sum(row["parameters"] for row in layers),
         "layers": layers, "netx_layers": netx_table(network), "quantization": report,
+        "rewrites": meta["rewrites"],
     }
     if path.is_dir():
         payload["run_dir"] = str(path)
@@ -435,14 +623,26 @@ def export_loihi(path: Path, options: ExportOptions = ExportOptions()) -> dict:
 
 def report_lines(payload: dict) -> list[str]:
     """The quantisation report and the netx layer table of an export.json payload, as text."""
-    lines = ["quantisation (per layer; scale = 2^exponent mantissa units per unit of v):"]
+    lines = []
+    if payload.get("rewrites"):
+        lines.append("rewrites (each the same linear map or neuron, quantised once afterwards):")
+        lines += text_table(("node", "rewrite"), [(r["node"], r["rewrite"]) for r in payload["rewrites"]])
+    lines.append("quantisation (per layer; scale = 2^exponent mantissa units per unit of v; "
+                 "vDecay = round(4096 dt/tau)):")
     lines += text_table(
-        ("layer", "kind", "exp", "vThMant", "vDecay", "clipped", "w rms rel err", "w max err", "bias max err"),
+        ("layer", "kind", "exp", "vThMant", "vDecay", "clipped", "w rms rel err", "w max err", "bias max err",
+         "4096 dt/tau"),
         [(r["layer"], r["kind"], r["exponent"], r["threshold_mant"], r["v_decay"], r.get("weights_clipped", "-"),
           f"{r['weight_rms_relative_error']:.4f}" if "weight_rms_relative_error" in r else "off-chip input",
           f"{r['weight_max_abs_error']:.2e}" if "weight_max_abs_error" in r else "",
-          f"{r['bias_max_abs_error']:.2e}" if "bias_max_abs_error" in r else f"step {r['bias_resolution']:.2e}")
+          f"{r['bias_max_abs_error']:.2e}" if "bias_max_abs_error" in r else f"step {r['bias_resolution']:.2e}",
+          f"{r['v_decay_exact']:.4g}" if "v_decay_exact" in r else "")
          for r in payload["quantization"]])
+    for r in payload["quantization"]:
+        if "v_decay_exact" in r and r["kind"] != "readout" and r["v_decay"] != r["v_decay_exact"]:
+            lines.append(f"vDecay of {r['layer']} rounded: {r['v_decay']} for 4096 dt/tau = {r['v_decay_exact']:.6g} "
+                         f"(v keeps {1 - r['v_decay'] / 4096:.6f} per step instead of "
+                         f"{1 - r['v_decay_exact'] / 4096:.6f})")
     lines.append("netx layers:")
     lines += text_table(
         ("#", "type", "shape", "kernel/stride", "iDecay", "vDecay", "vThMant", "spikes"),

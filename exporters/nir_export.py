@@ -7,10 +7,12 @@ float32 weights of the folded student; the family's ``describe`` walks the stude
 
 .. math::
     \tau_{mem} = \text{tau\_mem\_steps} \cdot dt, \quad \tau_{syn} = \text{tau\_syn\_steps} \cdot dt,
-    \quad r = 1, \quad w_{in} = 1
+    \quad r = 1, \quad w_{in} = \tau_{syn} / dt
 
 in seconds, so that NIR's ``tau dv/dt = (v_leak - v) + r I`` integrated by explicit Euler at
-``dt`` is Norse's update (``v += dt/tau (v_leak - v + I)``). The readout is an ``Affine`` node
+``dt`` is Norse's update (``v += dt/tau (v_leak - v + I)``), and NIR's CubaLIF current
+``tau_syn dI/dt = -I + w_in x`` by Euler, ``I += dt/tau_syn (w_in x - I)``, is Norse
+LIFCell's ``i += x`` followed by its decay (``w_in dt / tau_syn = 1``). The readout is an ``Affine`` node
 whose output is averaged over the T steps (metadata ``readout = "mean"``). Node names follow
 the student's module names (``layers.0.conv``, ``layers.0.lif``, ``blocks.1.shortcut``...);
 ``spike_layers`` in the metadata maps each neuron node to the student's spike name.
@@ -55,8 +57,10 @@ def neuron_node(lif: LIFConfig, shape) -> nir.NIRNode:
                   v_threshold=_full(shape, lif.v_threshold), v_reset=_full(shape, lif.v_reset))
     if lif.tau_syn_s is None:
         return nir.LIF(tau=_full(shape, lif.tau_mem_s, np.float64), **common)
+    # NIR's CubaLIF scales its input by dt/tau_syn; w_in = tau_syn/dt undoes it (Norse adds x whole)
     return nir.CubaLIF(tau_mem=_full(shape, lif.tau_mem_s, np.float64),
-                       tau_syn=_full(shape, lif.tau_syn_s, np.float64), w_in=_full(shape, 1.0), **common)
+                       tau_syn=_full(shape, lif.tau_syn_s, np.float64),
+                       w_in=_full(shape, lif.tau_syn_s / lif.dt_s), **common)
 
 
 class NIRBuilder(LayerTable):

@@ -58,7 +58,7 @@ import numpy as np
 from stars_deploy import vocabulary
 from stars_deploy.errors import StarsDeployError
 from stars_deploy.students.base import MAX_TIMESTEPS
-from stars_deploy.units import byte_size
+from stars_deploy.units import binary_size
 
 CHECKSUM_KEY = "sha256"
 CHECKSUM_PATH = f"node/metadata/{CHECKSUM_KEY}"
@@ -269,9 +269,9 @@ def _check_bytes(source: str, entries: dict[str, _Entry]) -> None:
         total += entry.declared_bytes
         if total > MAX_ARRAY_BYTES:
             raise NIRFormatError(
-                f"{source}: the arrays declare {byte_size(total)} or more (at {_where(path)}, {entry.shape} "
-                f"{entry.dtype}: {byte_size(entry.declared_bytes)}); a graph may hold at most "
-                f"{byte_size(MAX_ARRAY_BYTES)}. Refused before allocating: this is not a network the "
+                f"{source}: the arrays declare {binary_size(total)} or more (at {_where(path)}, {entry.shape} "
+                f"{entry.dtype}: {binary_size(entry.declared_bytes)}); a graph may hold at most "
+                f"{binary_size(MAX_ARRAY_BYTES)}. Refused before allocating: this is not a network the "
                 "simulators can run")
 
 

@@ -23,7 +23,7 @@ from stars_deploy.layout import STUDENT, export_dir
 from stars_deploy.progress import log
 from stars_deploy.students import fold_student, load_student
 from stars_deploy.teachers import Normalizer, load_teacher
-from stars_deploy.teachers.training import ensure_default_teacher
+from stars_deploy.teachers.training import teacher_weights
 
 from .layers import LayerTable
 from .nir_export import describe_student, student_record
@@ -101,7 +101,7 @@ def export_onnx(run_dir: Path, options: ExportOptions = ExportOptions()) -> dict
     files = [out_dir / export_kind("onnx").file]
     write_onnx(files[0], student_onnx_bytes(student, normalizer))
     if options.teacher:
-        weights = Path(spec.weights) if spec.weights else ensure_default_teacher()
+        weights = teacher_weights(spec)
         files.append(out_dir / TEACHER_FILE)
         write_onnx(files[1], teacher_onnx_bytes(load_teacher(spec, weights), normalizer, spec.input_shape))
     rows = describe_student(student, LayerTable(student.config.input_shape)).rows

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
-from .units import byte_size
+from .units import binary_size
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
@@ -123,8 +123,8 @@ def load_npz(path: Path) -> EvalData:
                                 "them to 8-bit pixels")
             if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_IMAGE_BYTES:
                 raise DataError(f"{path}: 'images' {shape} would take "
-                                f"{byte_size(int(np.prod(shape, dtype=np.float64)))} (more than "
-                                f"{byte_size(MAX_IMAGE_BYTES)}); evaluate on a subset")
+                                f"{binary_size(int(np.prod(shape, dtype=np.float64)))} (more than "
+                                f"{binary_size(MAX_IMAGE_BYTES)}); evaluate on a subset")
             label_shape, label_dtype = _npz_header(archive, "labels")
             if len(label_shape) != 1 or label_dtype.kind not in "iu":
                 raise DataError(f"{path}: labels must be a 1-D array of integers (class indices), got "

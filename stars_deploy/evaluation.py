@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from .data import EvalData
+from .errors import DataError
 
 EVAL_BATCH = 500
 
@@ -21,8 +22,13 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of predictions equal to labels, in [0, 1]."""
-    return float((predictions == labels).float().mean()) if len(labels) else float("nan")
+    """Fraction of predictions equal to labels, in [0, 1]. Zero images have no accuracy (a NaN
+    would pass for a number downstream), so they are refused: data.py already refuses empty data."""
+    if len(labels) == 0:
+        raise DataError("no images to score: the evaluation data is empty; give at least one image")
+    if len(predictions) != len(labels):
+        raise DataError(f"{len(predictions)} predictions for {len(labels)} labels: the evaluation data is inconsistent")
+    return float((predictions == labels).float().mean())
 
 
 def teacher_logits_fn(teacher, normalizer):

@@ -1,11 +1,22 @@
-"""Atomic writes and safe reads: nothing half-written is ever left under its final name."""
+"""Atomic writes and safe reads: nothing half-written is ever left under its final name.
+
+A write goes to a temporary file ``.NAME.<random>.tmp`` beside its target, is fsync'ed and
+then renamed over ``NAME`` (one atomic rename on POSIX). A process killed mid-write leaves
+only that temporary file, which :func:`remove_orphans` deletes when the directory is next
+opened. A full disk (ENOSPC, or a quota: EDQUOT) is one :class:`DiskFullError` naming the
+file and the bytes it needed; the previous version of the file stays as it was.
+"""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
+import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, StarsDeployError
+from .units import binary_size
+
+TMP_SUFFIX = ".tmp"
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(StarsDeployError):
+    """A write that found no space: the message names the file and the bytes it needed."""
 
 
 def _umask() -> int:
@@ -22,36 +41,82 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write) -> None:
+def _no_space(path: Path, needed: int, existed: bool) -> DiskFullError:
+    try:
+        free = f", {binary_size(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = ""
+    kept = f"{path} keeps its previous version" if existed else f"no partial {path.name} was left"
+    return DiskFullError(f"no space left to write {path} ({binary_size(needed)} needed{free}); nothing was "
+                         f"lost: {kept}. Free some space and run the command again")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file, fsync and rename; on a full disk the
+    temporary file is removed and a DiskFullError raised (before writing, when the free space
+    is already known to be too small)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existed = path.exists()
+    try:
+        if shutil.disk_usage(path.parent).free < len(data):
+            raise _no_space(path, len(data), existed)
+    except OSError:
+        pass  # no statvfs here: the write itself will tell
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise _no_space(path, len(data), existed) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def remove_orphans(directory: Path, older_than_s: float = 0.0) -> list[Path]:
+    """Delete the temporary files ``.NAME.*.tmp`` that a process killed mid-write left in
+    ``directory`` (not recursive), if their last change is ``older_than_s`` seconds ago or more
+    (a live writer keeps touching its own); returns what was removed."""
+    directory, removed = Path(directory), []
+    if not directory.is_dir():
+        return removed
+    now = time.time()
+    for candidate in directory.glob(f".*{TMP_SUFFIX}"):
+        try:
+            if candidate.is_file() and now - candidate.stat().st_mtime >= older_than_s:
+                candidate.unlink()
+                removed.append(candidate)
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+    return removed
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write ``payload`` as indented JSON to ``path`` atomically."""
     text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path, lambda handle: handle.write(text.encode()))
+    _atomic_write(path, text.encode())
 
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
-    _atomic_write(path, lambda handle: handle.write(data))
+    _atomic_write(path, bytes(data))
 
 
 def save_torch(path: Path, payload: Any) -> None:
-    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename)."""
-    _atomic_write(path, lambda handle: torch.save(payload, handle))
+    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename). The payload is
+    serialised in memory first, so its size is known before anything touches the disk and a
+    full disk never surfaces as torch's own zip-writer error."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _atomic_write(path, buffer.getvalue())
 
 
 def _missing(path: Path, what: str) -> CheckpointError | None:

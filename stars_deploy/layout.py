@@ -7,7 +7,7 @@
       checkpoint.pt      latest resumable state (student, optimiser, RNG, pool list, history)
       pool/              synthetic pool chunks
       export/            the exported files (exporters/registry.py names them) + export.json
-      simulate-<target>.json, report.html, plots/*.png
+      simulate-<target>.json, check-<target>.json (the last gates), report.html, report.md, plots/
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ POOL_DIR = "pool"
 EXPORT_DIR = "export"
 EXPORT_JSON = "export.json"
 REPORT = "report.html"
+REPORT_MD = "report.md"
 PLOTS_DIR = "plots"
 SIMULATION_PREFIX = "simulate-"
+CHECK_PREFIX = "check-"
 
 
 def simulation_file(run_dir: Path, target: str) -> Path:
@@ -33,3 +35,8 @@ def simulation_file(run_dir: Path, target: str) -> Path:
 
 def export_dir(run_dir: Path) -> Path:
     return Path(run_dir) / EXPORT_DIR
+
+
+def check_file(run_dir: Path, target: str) -> Path:
+    """Where ``check --target TARGET`` stores its last gates inside a run (the report shows them)."""
+    return Path(run_dir) / f"{CHECK_PREFIX}{target}.json"

@@ -5,7 +5,9 @@ one command for CI jobs, with check's exit codes (0 pass, 1 a gate failed, 2 bad
     rounds = 40                # (--budget-s -> budget-s; flags take true/false)
     objective = "stars"
     runs-dir = "runs"
-    name = "ci"                # the run directory's name (a suffix is added if it exists)
+    name = "ci"                # the run directory's name (a suffix is added if it exists); one
+                               # directory name, and runs-dir relative without '..': a CI file
+                               # never writes outside the directory it runs in
 
     [export]
     targets = ["nir", "loihi", "onnx"]      # default: nir and loihi
@@ -29,7 +31,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from .distill.options import RUN_OPTIONS, config_from_options, options_from_table
+from .devices import resolve_device
+from .distill.options import RUN_OPTIONS, check_run_options, config_from_options, options_from_table
 from .errors import ConfigError
 from .progress import log
 
@@ -93,8 +96,10 @@ def run_pipeline(path: Path, device: str = "auto") -> dict:
         raise ConfigError("pipeline runs in one process: distil under torchrun with `stars-deploy distill`, "
                           "then run export, check and report on its run directory")
     path = Path(path)
+    resolve_device(device)  # the simulations' device (distill has its own), before any work
     document = _read(path)
     values = options_from_table(document.get("distill", {}), f"{path} [distill]")
+    check_run_options(values["runs_dir"], values["run_name"], f"{path} [distill]")
     exports = _export_targets(document.get("export", {}), f"{path} [export]")
     check_table = document.get("check")
     check_targets = _check_targets(check_table, exports, path) if check_table is not None else []

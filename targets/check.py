@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from stars_deploy.errors import ConfigError
-from stars_deploy.fileio import read_json
-from stars_deploy.layout import STUDENT, simulation_file
+from stars_deploy.fileio import read_json, write_json
+from stars_deploy.layout import STUDENT, check_file, simulation_file
 from stars_deploy.progress import log
-from stars_deploy.runs import sha256_file
+from stars_deploy.runs import sha256_file, timestamp
 
 from .gates import GATES, evaluate, load_check_config, measured_values
 from .registry import REFERENCE_STUDENT, get_target
@@ -62,7 +62,10 @@ def check(run_dir: Path, target: str | None = None, limits: dict | None = None, 
         summary = simulate(run_dir, target, data, samples, compare=REFERENCE_STUDENT, device=device)
     values = measured_values(summary)
     rows = evaluate(gates, values)
-    return {"run_dir": str(run_dir), "target": target, "file": str(file), "data": summary["data"],
-            "samples": summary["samples"], "reused": reused, "result_file": str(simulation_file(run_dir, target)),
-            "config_file": str(config_file) if config_file else None,
-            "passed": all(row["passed"] for row in rows), "gates": rows, "measured": values}
+    result = {"run_dir": str(run_dir), "target": target, "file": str(file), "data": summary["data"],
+              "samples": summary["samples"], "reused": reused, "result_file": str(simulation_file(run_dir, target)),
+              "config_file": str(config_file) if config_file else None,
+              "passed": all(row["passed"] for row in rows), "gates": rows, "measured": values,
+              "checked_at": timestamp()}
+    write_json(check_file(run_dir, target), result)
+    return result

@@ -35,7 +35,8 @@ from stars_deploy.errors import StarsDeployError
 from stars_deploy.exporters.netx_format import read_network
 
 from .energy import loihi_energy
-from .loihi import CONVENTIONS, LATENCY_NOTE, fan_out_synops, input_bias_mantissa, on_chip_neurons, readout_logits
+from .loihi import (CONVENTIONS, LATENCY_NOTE, LoihiEmulator, fan_out_synops, inputs_required, on_chip_neurons,
+                    readout_logits)
 from .record import TargetResult
 from .target import Target
 
@@ -101,24 +102,33 @@ class LavaRunner:
         self.path = Path(path)
         self.network = read_network(self.path)
         self.metadata = self.network.metadata
-        self.timesteps = int(timesteps or self.metadata.get("timesteps", 0))
+        self.timesteps = int(timesteps or self.metadata.get("timesteps") or 0)
+        self.warnings = list(self.metadata.get("notes", []))
+        self.inputs_required = inputs_required(self.network, str(self.path))
 
-    def run(self, images: torch.Tensor, timesteps: int | None = None) -> TargetResult:
-        """Run normalised ``images`` (B, *input shape): one continuous run of B (T + D) steps."""
+    def run(self, images: torch.Tensor, timesteps: int | None = None, sequence: bool | None = None) -> TargetResult:
+        """Run ``images`` (our files: normalised images (B, *input shape); another tool's file:
+        its inputs, (B, *shape) or (T, B, *shape)): one continuous run of B (T + D) steps."""
         lava = import_lava()
         steps = int(timesteps or self.timesteps)
+        if steps < 1:
+            raise LavaError(f"{self.path}: no number of steps in the file: give --timesteps")
         delay = self.network.pipeline_delay_steps
         period = steps + delay
-        drive, clipped = input_bias_mantissa(self.network.input_stage, images)
-        samples = drive.shape[0]
+        emulator = LoihiEmulator(self.network, source=str(self.path))
+        sequence, clipped = emulator.input_sequence(images, steps, sequence)
+        samples = sequence.shape[1]
         start = time.perf_counter()
         folder = Path(tempfile.mkdtemp(prefix="stars-lava-"))
         try:
-            net = lava["Network"](net_config=str(self.path), reset_interval=period, reset_offset=0)
+            # netx resets layer i at step reset_offset + i + 1 of every period: one step later
+            # when the inputs reach the first layer through a synapse
+            net = lava["Network"](net_config=str(self.path), reset_interval=period,
+                                  reset_offset=int(self.network.input_synapse))
             if len(net.layers) != len(self.network.layers):
                 raise LavaError(f"{self.path}: netx built {len(net.layers)} layers, the file describes "
                                 f"{len(self.network.layers)}")
-            files, u_path = self._connect(lava, net, drive, period, folder)
+            files, u_path = self._connect(lava, net, sequence, period, folder)
             self._execute(lava, net, samples * period)
             run_s = time.perf_counter() - start
             recorded = {index: np.load(path) for index, path in files.items()}
@@ -130,15 +140,22 @@ class LavaRunner:
         result.input_clipped = clipped
         return result
 
-    def _connect(self, lava: dict, net, drive: torch.Tensor, period: int, folder: Path):
-        """The input source (sample n drives the input layer during its steps n P + 1 .. (n + 1) P)
-        and the recorders: every spiking layer's output, and the last layer's u for a
-        non-spiking readout. Returns ({layer: spike file}, u file or None)."""
+    def _connect(self, lava: dict, net, sequence: torch.Tensor, period: int, folder: Path):
+        """The input source (step t of sample n at step n P + t + 1; the D steps after a
+        sample's T repeat its last frame, which no window reads) and the recorders: every
+        spiking layer's output, and the last layer's u for a non-spiking readout. Returns
+        ({layer: spike file}, u file or None)."""
         meta, recorders = self.metadata["layers"], lava["recorders"]
-        total = drive.shape[0] * period
-        frames = np.stack([_whc(x) for x in drive.numpy()], -1).astype(np.int32)
-        source = lava["Source"](data=np.repeat(frames, period, axis=-1))
-        source.s_out.connect(net.layers[0].neuron.a_in)
+        steps, samples = sequence.shape[:2]
+        total = samples * period
+        frames = np.stack([np.stack([_whc(x) for x in step], -1) for step in sequence.cpu().numpy()], -1)
+        # (..., B, T) -> every sample's T frames, then its last frame for the D remaining steps
+        padded = np.concatenate([frames, np.repeat(frames[..., -1:], period - steps, axis=-1)], axis=-1)
+        source = lava["Source"](data=padded.reshape(*padded.shape[:-2], total).astype(np.int32))
+        if self.network.input_synapse:
+            source.s_out.connect(net.layers[0].inp)
+        else:
+            source.s_out.connect(net.layers[0].neuron.a_in)
         files = {}
         for index, block in enumerate(net.layers):
             if meta[index]["spiking"]:
@@ -167,7 +184,7 @@ class LavaRunner:
     def _record(self, recorded: dict, currents, samples: int, steps: int, period: int) -> TargetResult:
         """The common record from the recordings: each layer's T-step window per sample."""
         layers, meta = self.network.layers, self.metadata["layers"]
-        delay = self.network.pipeline_delay_steps
+        delay, first = self.network.pipeline_delay_steps, int(self.network.input_synapse)
 
         def windows(data: np.ndarray, first: int) -> torch.Tensor:
             """(total steps, Lava's W, H, C or N) -> (T, B, C, H, W or N): steps first + 1 ..
@@ -175,7 +192,7 @@ class LavaRunner:
             chw = data.transpose(0, 3, 2, 1) if data.ndim == 4 else data
             per_sample = chw.reshape(samples, period, *chw.shape[1:])
             return torch.from_numpy(per_sample[:, first:first + steps].swapaxes(0, 1).astype(np.int64))
-        spikes_of = {index: windows(data, index) > 0 for index, data in recorded.items()}
+        spikes_of = {index: windows(data, first + index) > 0 for index, data in recorded.items()}
         spikes = {meta[i]["spike_name"]: s.to(torch.float32) for i, s in spikes_of.items()}
         synops = {meta[i]["spike_name"]: fan_out_synops(layers[i + 1], s)
                   for i, s in spikes_of.items() if i + 1 < len(layers)}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stars_deploy.errors import DataError
 from stars_deploy.exporters.netx_format import InputStage, NetxFormatError, NetxLayer, NetxNetwork, read_network
 from stars_deploy.hardware.loihi import (ACTIVATION_SHIFT, BIAS_EXP, BIAS_MANT_MAX, BIAS_MANT_MIN, CONV_SUM_BITS,
                                          DECAY_SCALE, STATE_HALF_RANGE, THRESHOLD_SHIFT, WEIGHT_BITS, WEIGHT_MAX,
@@ -24,6 +25,7 @@ from stars_deploy.hardware.loihi import (ACTIVATION_SHIFT, BIAS_EXP, BIAS_MANT_M
 
 from .energy import loihi_energy
 from .record import TargetResult
+from .stimulus import split_inputs
 from .target import Target
 
 NAME = "loihi"
@@ -58,8 +60,18 @@ the float targets), ``latency_steps = T + D`` and ``pipeline_delay_steps = D``.
 
 Input: the off-chip first synaptic layer's output, a 13-bit integer per input-layer neuron
 (:func:`input_bias_mantissa`), is that neuron's synaptic input ``a_in`` at every step
-of the sample, as Lava's runner sends it (targets/lava_sim.py). With the exporter's
+of the sample, as Lava's runner sends it (targets/lava_sim.py); for a (T, B, ...) sequence of
+frames (event data) the off-chip layer runs on each frame and step t gets frame t's integers. With the exporter's
 ``iDecay = 4096`` this is bit for bit a bias of the same mantissa (``u = a_in << 6``).
+
+Input of another tool's netx file (no ``stars`` group, so no off-chip stage): the user's
+integers (``--inputs FILE.npz``, targets/stimulus.py), the same every step or one frame per
+step. A file that starts with an input layer takes them as that layer's ``a_in``
+(-32768..32767, Lava's 16-bit port; netx ignores the input layer's weight/bias transform, and
+so does the emulator); a file whose first layer is a synapse takes them as binary spikes into
+it, and that synapse adds one step of delay (D = layers). The steps per sample are the file's
+``simulation/tSample`` or ``--timesteps``; every layer's spikes are recorded as ``layer<i>``
+(the i-th layer with neurons) and the logits are the last layer's spikes.
 
 Readout: for a non-spiking last layer the logits of step t are ``(u_t / 64 + bias) / 2^e``
 (``e`` its exponent, in the file's metadata); for a spiking last layer the spikes themselves.
@@ -67,6 +79,7 @@ Readout: for a non-spiking last layer the logits of step t are ``(u_t / 64 + bia
 LATENCY_NOTE = ("fixed point: one step of delay per synaptic connection; each layer's T-step window is recorded "
                 "(the delay undone), the decision is read latency_steps = T + pipeline_delay_steps after the input")
 FLOAT32_EXACT = 1 << 24  # integers below this add exactly in float32
+INPUT_A_IN_MIN, INPUT_A_IN_MAX = -(1 << 15), (1 << 15) - 1  # Lava's LIF a_in port is int16
 
 
 def netx_dense_weights(weight: np.ndarray, source: str = "dense layer") -> tuple[np.ndarray, int]:
@@ -181,14 +194,49 @@ def cuba_run(a_in: torch.Tensor | None, bias: torch.Tensor, layer: NetxLayer, st
     return torch.stack(spikes), torch.stack(currents)
 
 
+def foreign_inputs(network: NetxNetwork, inputs: torch.Tensor, steps: int, source: str,
+                   sequence: bool | None = None) -> torch.Tensor:
+    """(T, B, *input shape) int64: the user's inputs to another tool's netx file, checked.
+
+    ``inputs`` is (B, *shape), the same every step, or (T, B, *shape) (targets/stimulus.py);
+    integers: the input layer's a_in (-32768..32767, Lava's 16-bit port), or spikes (0/1)
+    into the first synapse of a file without an input layer."""
+    values, sequence = split_inputs(inputs, network.input_shape, source, sequence)
+    if sequence and values.shape[0] != steps:
+        raise NetxFormatError(f"{source}: the inputs have {values.shape[0]} steps, the run {steps}: give "
+                              f"-T {values.shape[0]} or inputs of {steps} steps")
+    if values.is_floating_point() and not bool(torch.all(values == torch.round(values))):
+        raise NetxFormatError(f"{source}: the inputs of a netx file are integers (a_in or spikes); got "
+                              "non-integer values")
+    values = values.to(torch.int64)
+    low, high = (0, 1) if network.input_synapse else (INPUT_A_IN_MIN, INPUT_A_IN_MAX)
+    if values.numel() and (int(values.min()) < low or int(values.max()) > high):
+        what = ("spikes into the first synapse (0 or 1)" if network.input_synapse else
+                f"the input layer's a_in ({low}..{high}, Lava's 16-bit input port)")
+        raise NetxFormatError(f"{source}: inputs range {int(values.min())}..{int(values.max())}; they are {what}")
+    return values if sequence else values.unsqueeze(0).expand(steps, *values.shape)
+
+
+def inputs_required(network: NetxNetwork, source: str) -> str | None:
+    """Why a file cannot run on images (another tool's file has no input stage), or None."""
+    if not network.foreign:
+        return None
+    what = "spikes (0/1) into its first synapse" if network.input_synapse else "its input layer's a_in (integers)"
+    return (f"{source} is a netx file from another tool (no 'stars' group, no input stage): give its inputs with "
+            f"--inputs FILE.npz, {what} of shape {list(network.input_shape)} per step (README, Loihi)")
+
+
 class LoihiEmulator:
     """Runs a ``.net`` file for T steps on a batch; returns a TargetResult (window time)."""
 
     def __init__(self, network: NetxNetwork, device: str | torch.device = "cpu", source: str = "network"):
         self.network, self.source, self.device = network, source, torch.device(device)
         self.metadata = network.metadata
-        self.timesteps = int(self.metadata.get("timesteps", 0))
-        self.synapses = [None] + [self._synapse(i, layer) for i, layer in enumerate(network.layers) if i > 0]
+        self.timesteps = int(self.metadata.get("timesteps") or 0)
+        self.warnings = list(self.metadata.get("notes", []))  # fields of a foreign file that netx ignores
+        self.inputs_required = inputs_required(network, source)
+        self.synapses = [None if layer.kind == "input" else self._synapse(i, layer)
+                         for i, layer in enumerate(network.layers)]
 
     def _synapse(self, index: int, layer: NetxLayer):
         dev = self.device
@@ -212,26 +260,43 @@ class LoihiEmulator:
             return total << exponent if exponent > 0 else total >> -exponent
         return dense, bias
 
+    def input_sequence(self, inputs: torch.Tensor, steps: int, sequence: bool | None = None
+                       ) -> tuple[torch.Tensor, int]:
+        """((T, B, ...) int64 input of the first layer, inputs clipped): our files' 13-bit
+        input mantissas from images, or another tool's file's inputs as given."""
+        if self.network.foreign:
+            return foreign_inputs(self.network, inputs, steps, self.source, sequence).to(self.device), 0
+        images, is_sequence = split_inputs(inputs, self.network.input_shape, self.source, sequence)
+        if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+            raise DataError(f"{self.source}: the input images hold NaN or Inf")
+        if is_sequence:  # one frame per step (event data): the off-chip stage runs on every frame
+            drive, clipped = input_bias_mantissa(self.network.input_stage, images.flatten(0, 1))
+            return drive.unflatten(0, images.shape[:2]).to(self.device), clipped
+        drive, clipped = input_bias_mantissa(self.network.input_stage, images)
+        drive = drive.to(self.device)
+        return drive.unsqueeze(0).expand(steps, *drive.shape), clipped
+
     @torch.no_grad()
-    def run(self, images: torch.Tensor, timesteps: int | None = None) -> TargetResult:
-        """Run normalised ``images`` (B, *input shape); spikes and logits over the T-step windows."""
+    def run(self, images: torch.Tensor, timesteps: int | None = None, sequence: bool | None = None) -> TargetResult:
+        """Run ``images`` (our files: normalised images (B, *input shape); another tool's
+        file: its inputs, (B, *shape) or (T, B, *shape), ``sequence`` saying which when the
+        shape alone cannot, targets/stimulus.py); spikes and logits over the T-step windows."""
         steps = int(timesteps or self.timesteps)
         if steps < 1:
             raise NetxFormatError(f"{self.source}: no number of steps in the file: give --timesteps")
         start = time.perf_counter()
         layers, meta = self.network.layers, self.metadata["layers"]
-        drive, clipped = input_bias_mantissa(self.network.input_stage, images)
-        drive = drive.to(self.device)
-        batch = drive.shape[0]
+        sequence, clipped = self.input_sequence(images, steps, sequence)
+        batch = sequence.shape[1]
         spikes_of, synops, spikes = [], {}, {}
-        # the input layer: the sample's input is its synaptic input a_in at every step
-        fired, currents = cuba_run(drive.unsqueeze(0).expand(steps, *drive.shape), torch.zeros((), dtype=torch.int64,
-                                   device=self.device), layers[0], steps, tuple(drive.shape))
-        spikes_of.append(fired)
-        for index, layer in enumerate(layers[1:], start=1):
-            synapse, bias = self.synapses[index]
-            previous = spikes_of[-1]
-            a_in = synapse(previous.flatten(0, 1)).unflatten(0, (steps, batch))
+        currents = None
+        for index, layer in enumerate(layers):
+            if self.synapses[index] is None:  # the input layer: the input is its synaptic input a_in
+                a_in, bias = sequence, torch.zeros((), dtype=torch.int64, device=self.device)
+            else:
+                synapse, bias = self.synapses[index]
+                previous = spikes_of[-1] if spikes_of else sequence
+                a_in = synapse(previous.flatten(0, 1)).unflatten(0, (steps, batch))
             fired, currents = cuba_run(a_in, bias, layer, steps, (batch, *a_in.shape[2:]))
             spikes_of.append(fired)
         for index, layer_spikes in enumerate(spikes_of):

@@ -135,6 +135,9 @@ def summarize(result: TargetResult, labels: torch.Tensor | None = None,
     if energy is MODEL:
         energy = result.energy
     summary["energy_per_sample"] = energy(summary, loihi2_pj_per_op) if energy is not None else None
+    summary.update(_breakdowns(result, summary, energy, loihi2_pj_per_op))
+    if labels is not None:
+        summary["confusion_matrix"] = confusion_matrix(predictions, labels.cpu(), result.logits_t.shape[2])
     if reference is not None:
         per_layer = spike_mismatches(result, reference)
         ref_predictions = reference.predictions.cpu()
@@ -144,6 +147,7 @@ def summarize(result: TargetResult, labels: torch.Tensor | None = None,
                                 if labels is not None else None),
             agreement=float((predictions == ref_predictions).float().mean()),
             spike_mismatches=sum(per_layer.values()), spike_mismatches_per_layer=per_layer,
+            spike_positions=sum(int(s.numel()) for s in reference.spikes.values()),
             max_logit_difference=float((result.logits_t.cpu() - reference.logits_t.cpu()).abs().max()),
             reference_firing_rate_per_layer=reference.firing_rates(),
             reference_accuracy_by_step=reference.accuracy_by_step(labels) if labels is not None else None,
@@ -163,3 +167,53 @@ def activity_similarity(rates: dict[str, float], reference_rates: dict[str, floa
     if not names or a.norm() == 0 or b.norm() == 0:
         return None
     return float(a @ b / (a.norm() * b.norm()))
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, classes: int) -> list[list[int]]:
+    """counts[true class][predicted class] over the samples."""
+    counts = torch.zeros(classes, classes, dtype=torch.long)
+    counts.index_put_((labels.long(), predictions.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True)
+    return counts.tolist()
+
+
+def _breakdowns(result: TargetResult, summary: dict, energy, loihi2_pj_per_op) -> dict:
+    """Per-layer and per-step views of the counts, for the report:
+
+    - ``first_spike_step_per_layer``: the mean step (1-based, in the target's own time: a
+      layer's window starts ``pipeline position`` steps late on a pipelined chip) of each
+      layer's first spike, over the samples where it spikes at all;
+    - ``energy_per_layer``: the energy model applied to each layer's synaptic ops and spikes
+      (neuron updates are not split by layer: ``energy_neuron_updates``);
+    - ``energy_by_step``: the energy per sample of a run cut after t = 1..T steps (the input
+      is constant, so a shorter run is a prefix): each layer's spikes up to t times its mean
+      synaptic fan-out per spike, and neuron updates in proportion to the steps run."""
+    samples, steps = result.samples, int(result.logits_t.shape[0])
+    pipelined = result.pipeline_delay_steps > 0
+    first = {}
+    for position, (name, spikes) in enumerate(result.spikes.items()):
+        fired = spikes.flatten(2).sum(2) > 0  # (T, B)
+        any_spike = fired.any(0)
+        step = fired.float().argmax(0) + 1 + (position if pipelined else 0)
+        first[name] = float(step[any_spike].float().mean()) if bool(any_spike.any()) else None
+    out = {"first_spike_step_per_layer": first, "energy_per_layer": None, "energy_by_step": None,
+           "energy_neuron_updates": None}
+    if energy is None:
+        return out
+    def joules(synops: float, spikes: float, updates: float) -> float:
+        return energy({"synops_per_sample": synops, "spikes_per_sample": spikes,
+                       "neuron_updates_per_sample": updates}, loihi2_pj_per_op)["j"]
+    layer_spikes = {name: s.flatten(2).sum(2).sum(1).double() / samples for name, s in result.spikes.items()}
+    fan_out = {name: result.synops.get(name, 0.0) / max(float(layer_spikes[name].sum()) * samples, 1.0)
+               for name in result.spikes}
+    out["energy_per_layer"] = {name: joules(summary["synops_per_layer"].get(name, 0.0),
+                                            summary["spikes_per_layer"][name], 0.0) for name in result.spikes}
+    out["energy_neuron_updates"] = joules(0.0, 0.0, summary["neuron_updates_per_sample"])
+    delay = result.pipeline_delay_steps
+    by_step = []
+    for t in range(1, steps + 1):
+        spikes_t = {name: float(counts[:t].sum()) for name, counts in layer_spikes.items()}
+        synops_t = sum(spikes_t[name] * fan_out[name] for name in spikes_t)
+        updates_t = summary["neuron_updates_per_sample"] * (t + delay) / (steps + delay)
+        by_step.append(joules(synops_t, sum(spikes_t.values()), updates_t))
+    out["energy_by_step"] = by_step
+    return out

@@ -1,18 +1,22 @@
-"""``stars-deploy report``: one self-contained HTML page for a run, with PNG plots.
+"""``stars-deploy report``: one self-contained HTML page for a run, and a Markdown summary.
 
-The page embeds its plots (base64 PNG, so it can be mailed or archived as one file) and the
-same plots are written to RUN_DIR/plots/*.png:
+The page embeds its plots as PNG (base64, so it can be mailed or archived as one file); the
+same plots are written to RUN_DIR/plots/ as PNG at print resolution and as SVG beside them:
 
-- accuracy against timesteps for each simulated target and the float student (the running-mean
-  decision after t steps: the input is constant, so a run of t steps is a prefix of the T run);
+- accuracy against timesteps, and against the energy of a run of that many steps, for each
+  simulated target (the input is constant, so a run of t steps is a prefix of the T run);
+- per layer: spikes, synaptic operations, energy and the mean first-spike step;
 - per-layer mean firing rates, float student against each target;
-- a spike raster of one sample on the deployed target (loihi when exported, else nir);
-- the Loihi weight quantisation error per layer (export.json);
-- the distillation curve (accuracy and agreement at each evaluation).
+- a confusion matrix per target; a spike raster of one sample on the deployed target;
+- the Loihi weight quantisation error per layer (export.json); the distillation curve.
 
-The simulations come from targets/simulate.py (``collect_results``: the stored
-simulate-<target>.json where present, else a fresh run of every target whose registry record
-says ``report_simulates``); this module only draws and writes.
+Tables: every target with its samples and what it was compared with, the gates of the last
+`check` per target, the Loihi quantisation, the distillation, provenance (versions, dates,
+configuration, file hashes) and a glossary. ``report(format="md")`` writes RUN_DIR/report.md,
+a short summary for a pull-request comment.
+
+The simulations come from targets/simulate.py (``collect_results``); this module only draws
+and writes.
 """
 
 from __future__ import annotations
@@ -20,110 +24,74 @@ from __future__ import annotations
 import base64
 import html
 import io
+import time
 from pathlib import Path
 
-import matplotlib
+from stars_deploy.errors import ConfigError
+from stars_deploy.fileio import read_json, write_bytes
+from stars_deploy.layout import (CHECK_PREFIX, DISTILL, EXPORT_JSON, MANIFEST, PLOTS_DIR, REPORT, REPORT_MD, STUDENT,
+                                 export_dir)
+from stars_deploy.progress import log
+from stars_deploy.units import count, of, percent, si, steps_and_time
+from stars_deploy.version import __version__
 
-matplotlib.use("Agg")  # no display: files only
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from . import report_plots as plots
+from .simulate import collect_results, raster_sample
 
-from stars_deploy.errors import ConfigError  # noqa: E402
-from stars_deploy.fileio import read_json, write_bytes  # noqa: E402
-from stars_deploy.layout import DISTILL, EXPORT_JSON, MANIFEST, PLOTS_DIR, REPORT, STUDENT, export_dir  # noqa: E402
-from stars_deploy.progress import log  # noqa: E402
-from stars_deploy.units import percent  # noqa: E402
-
-from .simulate import collect_results, raster_sample  # noqa: E402
-
-RASTER_NEURONS = 256  # neurons drawn per layer in the raster (evenly spaced when a layer has more)
-FIGURE_DPI = 110
-
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def _accuracy_plot(summaries: dict[str, dict]) -> bytes | None:
-    curves = {t: s["accuracy_by_step"] for t, s in summaries.items() if s.get("accuracy_by_step")}
-    if not curves:
-        return None
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    reference = next((s for s in summaries.values() if s.get("reference") == "student"
-                      and s.get("reference_accuracy_by_step")), None)
-    if reference is not None:
-        steps = range(1, len(reference["reference_accuracy_by_step"]) + 1)
-        axis.plot(steps, [100 * a for a in reference["reference_accuracy_by_step"]], "k--", label="float student")
-    for target, curve in curves.items():
-        axis.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", label=target)
-    axis.set_xticks(range(1, max(len(c) for c in curves.values()) + 1))
-    axis.set(xlabel="timesteps", ylabel="accuracy (%)", title="Accuracy against timesteps")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    return _png(figure)
+FIGURE_DPI = 200  # print resolution
+FORMATS = ("html", "md")
+GLOSSARY = {
+    "accuracy": "fraction of the evaluation images whose predicted class (argmax of the output's mean over "
+                "the T steps) is the label",
+    "compared with": "what the target's spikes and predictions are set against: the float student is the "
+                     "run's student with BatchNorm folded, exactly as exported",
+    "agreement": "fraction of images on which the target predicts what the reference (the 'compared with' "
+                 "column) predicts",
+    "spike mismatches": "neuron-steps whose spike differs from the reference, out of all neuron-steps "
+                        "compared; float and fixed point are expected to differ a little (quantisation "
+                        "flips neurons near threshold), a float export of the same student by 0",
+    "synaptic ops": "spikes times the number of synapses each spike drives (its fan-out)",
+    "latency": "steps from the input to the decision, the chip's pipeline delay (one step per synaptic "
+               "connection) included, and that time at the file's dt",
+    "stable decision step": "the mean step from which the running prediction no longer changes",
+    "energy": "the target's energy model applied to the counts per sample (Loihi 1: Davies et al., IEEE "
+              "Micro 2018, Table 1); energy after t steps uses each layer's spikes up to t times its mean "
+              "fan-out",
+    "first spike": "the mean step of a layer's first spike, over the samples in which it spikes, in the "
+                   "target's own time (on the chip a layer's window starts one step after the previous one)",
+}
 
 
-def _rates_plot(summaries: dict[str, dict]) -> bytes | None:
-    series = {}
-    for target, summary in summaries.items():
-        if summary.get("reference") == "student" and "float student" not in series:
-            series["float student"] = summary.get("reference_firing_rate_per_layer") or {}
-        series[target] = summary.get("firing_rate_per_layer") or {}
-    layers = list(next((rates for rates in series.values() if rates), {}))
-    if not layers:
-        return None
-    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(layers) * len(series)), 3.6))
-    width = 0.8 / len(series)
-    for index, (name, rates) in enumerate(series.items()):
-        positions = [i + (index - (len(series) - 1) / 2) * width for i in range(len(layers))]
-        axis.bar(positions, [rates.get(layer, 0.0) for layer in layers], width, label=name)
-    axis.set_xticks(range(len(layers)), layers, rotation=30, ha="right")
-    axis.set(ylabel="spikes per neuron per step", title="Mean firing rate per layer")
-    axis.legend()
-    return _png(figure)
+def _read(path: Path, what: str) -> dict:
+    return read_json(path, what) if path.is_file() else {}
 
 
-def _raster_plot(spikes: dict[str, torch.Tensor], target: str) -> bytes | None:
-    if not spikes:
-        return None
-    figure, axes = plt.subplots(1, len(spikes), figsize=(2.4 * len(spikes) + 1, 3.6), squeeze=False)
-    for axis, (layer, tensor) in zip(axes[0], spikes.items()):
-        flat = tensor[:, 0].reshape(tensor.shape[0], -1).float()  # (T, neurons) of the first sample
-        keep = torch.linspace(0, flat.shape[1] - 1, min(RASTER_NEURONS, flat.shape[1])).long()
-        steps, neurons = flat[:, keep].nonzero(as_tuple=True)
-        axis.scatter(steps.numpy(), neurons.numpy(), s=4, marker="|", color="k")
-        axis.set(title=layer, xlabel="step", xlim=(-0.5, flat.shape[0] - 0.5), ylim=(-1, len(keep)))
-    axes[0][0].set_ylabel("neuron (sampled)")
-    figure.suptitle(f"Spike raster, sample 0, {target}")
-    return _png(figure)
+def _encode(figure) -> tuple[bytes, bytes]:
+    """(PNG at print resolution, SVG) of a figure, which is then closed."""
+    png, svg = io.BytesIO(), io.BytesIO()
+    figure.savefig(png, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
+    figure.savefig(svg, format="svg", bbox_inches="tight")
+    plots.plt.close(figure)
+    return png.getvalue(), svg.getvalue()
 
 
-def _quantization_plot(rows: list[dict]) -> bytes | None:
-    rows = [row for row in rows if "weight_rms_relative_error" in row]
-    if not rows:
-        return None
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    axis.bar([row["layer"] for row in rows], [100 * row["weight_rms_relative_error"] for row in rows])
-    axis.set(ylabel="RMS weight error (% of RMS weight)", title="Loihi 8-bit weight quantisation error")
-    axis.tick_params(axis="x", rotation=30)
-    return _png(figure)
+def _checks(run_dir: Path) -> dict[str, dict]:
+    return {path.stem[len(CHECK_PREFIX):]: read_json(path, "check result")
+            for path in sorted(Path(run_dir).glob(f"{CHECK_PREFIX}*.json"))}
 
 
-def _distillation_plot(history: list[dict]) -> bytes | None:
-    points = [h for h in history if "student_accuracy" in h]
-    if not points:
-        return None
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    rounds = [h["round"] for h in points]
-    axis.plot(rounds, [100 * h["student_accuracy"] for h in points], marker="o", label="student accuracy")
-    axis.plot(rounds, [100 * h["agreement"] for h in points], marker="s", label="agreement with teacher")
-    axis.set(xlabel="round", ylabel="%", title="Distillation")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    return _png(figure)
+def _figures(summaries: dict, raster: tuple, export: dict, distill: dict, class_names) -> dict:
+    target, spikes = raster
+    return {
+        "accuracy_vs_timesteps": ("Accuracy against timesteps", plots.accuracy_by_step(summaries)),
+        "accuracy_vs_energy": ("Accuracy against energy", plots.accuracy_by_energy(summaries)),
+        "per_layer": ("Per-layer spikes, synaptic ops, energy and latency", plots.per_layer(summaries)),
+        "firing_rates": ("Firing rates per layer", plots.firing_rates(summaries)),
+        "confusion": ("Confusion matrices", plots.confusion(summaries, class_names)),
+        "spike_raster": ("Spike raster", plots.raster(spikes, target)),
+        "quantization_error": ("Weight quantisation error", plots.quantization(export.get("quantization", []))),
+        "distillation": ("Distillation curve", plots.distillation(distill.get("history", []))),
+    }
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -136,81 +104,135 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _read(path: Path, what: str) -> dict:
-    return read_json(path, what) if path.is_file() else {}
+TARGET_HEADER = ["target", "data", "samples", "compared with", "accuracy", "reference accuracy", "agreement",
+                 "spike mismatches", "spikes / sample", "synaptic ops / sample", "latency", "energy / sample"]
 
 
-def _plots(summaries: dict[str, dict], raster: tuple[str | None, dict], export: dict, distill: dict) -> dict:
-    raster_target, raster_spikes = raster
-    return {
-        "accuracy_vs_timesteps": ("Accuracy against timesteps", _accuracy_plot(summaries)),
-        "firing_rates": ("Firing rates per layer", _rates_plot(summaries)),
-        "spike_raster": ("Spike raster", _raster_plot(raster_spikes, raster_target)),
-        "quantization_error": ("Weight quantisation error", _quantization_plot(export.get("quantization", []))),
-        "distillation": ("Distillation curve", _distillation_plot(distill.get("history", []))),
-    }
+def _target_rows(summaries: dict, dt_s: float | None) -> list[list]:
+    return [[t, s.get("data"), s.get("samples"), plots.reference_name(s.get("reference")), percent(s.get("accuracy")),
+             percent(s.get("reference_accuracy")), percent(s.get("agreement")),
+             of(s.get("spike_mismatches"), s.get("spike_positions")), count(s.get("spikes_per_sample")),
+             count(s.get("synops_per_sample")), steps_and_time(s.get("latency_steps"), dt_s), plots.energy_note(s)]
+            for t, s in summaries.items()]
 
 
-def _tables(summaries: dict[str, dict], export: dict, distill: dict) -> list[str]:
-    target_rows = [[t, s.get("data"), s.get("samples"), percent(s.get("accuracy")), percent(s.get("reference_accuracy")),
-                    percent(s.get("agreement")), s.get("spike_mismatches"), s.get("spikes_per_sample"),
-                    s.get("synops_per_sample"), s.get("neuron_updates_per_sample"), s.get("latency_steps"),
-                    (s.get("energy_per_sample") or {}).get("loihi1_j")] for t, s in summaries.items()]
-    return [
-        "<h2>Targets</h2>" + _table(["target", "data", "samples", "accuracy", "float student", "agreement",
-                                     "spike mismatches", "spikes / sample", "synops / sample",
-                                     "neuron updates / sample", "latency (steps)", "Loihi 1 energy / sample (J)"],
-                                    target_rows),
-        "<h2>Loihi quantisation</h2>" + _table(
-            ["layer", "kind", "exponent", "scale", "weights", "clipped", "RMS rel. error", "max abs error"],
-            [[q.get("layer"), q.get("kind"), q.get("exponent"), q.get("scale"), q.get("weights"),
-              q.get("weights_clipped"), q.get("weight_rms_relative_error"), q.get("weight_max_abs_error")]
-             for q in export.get("quantization", [])]),
-        "<h2>Distillation</h2>" + _table(["teacher accuracy", "student accuracy", "agreement", "rounds",
-                                          "synthetic images", "wall time (s)"],
-                                         [[distill.get("teacher_accuracy"), distill.get("student_accuracy"),
-                                           distill.get("agreement"), distill.get("rounds"),
-                                           distill.get("synthetic_images"), distill.get("wall_time_s")]]),
-    ]
+GATE_HEADER = ["target", "gate", "measured", "limit", "result", "samples", "checked"]
 
 
-def _page(title: str, manifest: dict, tables: list[str], sections: list[str]) -> str:
+def _gate_rows(checks: dict) -> list[list]:
+    return [[target, row["gate"], row["measured"], f"{row['comparison']} {row['limit']}",
+             "pass" if row["passed"] else f"FAIL {row.get('note') or ''}".strip(), result.get("samples"),
+             result.get("checked_at", "")]
+            for target, result in checks.items() for row in result.get("gates", [])]
+
+
+def _provenance(run_dir: Path, manifest: dict, export: dict, summaries: dict) -> list[list]:
     config = manifest.get("config", {})
+    student, teacher = config.get("student", {}), config.get("teacher", {})
+    rows = [["report made by", f"stars-deploy {__version__}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"],
+            ["run", f"{run_dir.name}: created {manifest.get('created', 'n/a')}, finished {manifest.get('finished', 'n/a')}"],
+            ["distilled with", ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()) or "n/a"],
+            ["teacher", f"{teacher.get('arch')} ({teacher.get('weights')}, sha256 {manifest.get('teacher_sha256', 'n/a')})"],
+            ["student", f"{student.get('family')} width {student.get('width')} depth {student.get('depth')}, "
+                        f"T = {student.get('timesteps')}, dt = {si(manifest.get('dt_s'), 's')}"],
+            ["objective", f"{config.get('objective')}; budget {config.get('budget_s')} s / {config.get('rounds')} rounds, "
+                          f"seed {config.get('seed')}"]]
+    rows += [[f"file {name}", f"sha256 {info['sha256']}, {count(info['bytes'])} bytes"]
+             for name, info in export.get("files", {}).items()]
+    rows += [[f"simulated {target}", f"{s.get('file')} (sha256 {s.get('file_sha256')}), request {s.get('request')}"]
+             for target, s in summaries.items()]
+    return rows
+
+
+def _html(title: str, sections: list[str]) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}}
-th{{background:#eee}}img{{max-width:100%}}.missing{{color:#777}}</style></head>
+th{{background:#eee}}img{{max-width:100%}}.missing{{color:#777}}dt{{font-weight:bold}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>Teacher {html.escape(str(config.get('teacher', {}).get('arch', 'n/a')))},
-student {html.escape(str(config.get('student', {}).get('family', 'n/a')))},
-objective {html.escape(str(config.get('objective', 'n/a')))}.</p>
-{''.join(tables)}
 {''.join(sections)}
 </body></html>
 """
 
 
-def write_report(run_dir: Path, data: str | None = None, samples: int | None = None, device: str = "auto") -> dict:
-    """Write RUN_DIR/report.html and RUN_DIR/plots/*.png; returns what was written."""
+def _markdown(run_dir: Path, summaries: dict, checks: dict, distill: dict, dt_s: float | None) -> str:
+    lines = [f"### stars-deploy: {run_dir.name}", ""]
+    if distill:
+        lines.append(f"Student {percent(distill.get('student_accuracy'))} (teacher "
+                     f"{percent(distill.get('teacher_accuracy'))}, agreement {percent(distill.get('agreement'))}) "
+                     f"after {distill.get('rounds')} rounds on {distill.get('eval_data', 'no evaluation data')}.")
+        lines.append("")
+    if summaries:
+        lines += ["| target | samples | compared with | accuracy | agreement | spikes / sample | latency | energy |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {t} | {s.get('samples')} | {plots.reference_name(s.get('reference'))} | {percent(s.get('accuracy'))} "
+                  f"| {percent(s.get('agreement'))} | {count(s.get('spikes_per_sample'))} | "
+                  f"{steps_and_time(s.get('latency_steps'), dt_s)} | {plots.energy_note(s)} |"
+                  for t, s in summaries.items()]
+        lines.append("")
+    for target, result in checks.items():
+        verdict = "all gates passed" if result.get("passed") else "**GATE FAILED**"
+        lines.append(f"Gates on {target} ({result.get('samples')} samples): {verdict}")
+        lines += [f"- {'pass' if r['passed'] else '**FAIL**'} {r['gate']}: {r['measured']} {r['comparison']} {r['limit']}"
+                  for r in result.get("gates", [])]
+        lines.append("")
+    lines.append(f"_stars-deploy {__version__}; full report: {REPORT}_")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, data: str | None = None, samples: int | None = None, device: str = "auto",
+                 format: str = "html") -> dict:
+    """Write RUN_DIR/report.html and RUN_DIR/plots/ (``format="html"``), or RUN_DIR/report.md
+    (``format="md"``, returned as ``markdown`` too); returns what was written."""
     run_dir = Path(run_dir)
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     if not (run_dir / STUDENT).is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no {STUDENT})")
     manifest = _read(run_dir / MANIFEST, "run manifest")
     distill = _read(run_dir / DISTILL, "distillation record")
     export = _read(export_dir(run_dir) / EXPORT_JSON, "export record")
     summaries = collect_results(run_dir, data, samples, device)
-    plots = _plots(summaries, raster_sample(run_dir, summaries, device), export, distill)
+    checks = _checks(run_dir)
+    dt_s = manifest.get("dt_s") or export.get("dt_s")
+    if format == "md":
+        markdown = _markdown(run_dir, summaries, checks, distill, dt_s)
+        write_bytes(run_dir / REPORT_MD, markdown.encode())
+        return {"report": str(run_dir / REPORT_MD), "plots": [], "targets": list(summaries), "markdown": markdown}
+    class_names = manifest.get("config", {}).get("teacher", {}).get("class_names") or None
+    figures = _figures(summaries, raster_sample(run_dir, summaries, device), export, distill, class_names)
     sections, written = [], []
-    for name, (title, png) in plots.items():
-        if png is None:
+    for name, (title, figure) in figures.items():
+        if figure is None:
             sections.append(f"<h2>{title}</h2><p class='missing'>Nothing to plot: no data for it in this run.</p>")
             continue
-        write_bytes(run_dir / PLOTS_DIR / f"{name}.png", png)
-        written.append(f"{PLOTS_DIR}/{name}.png")
+        png, svg = _encode(figure)
+        for suffix, content in ((".png", png), (".svg", svg)):
+            write_bytes(run_dir / PLOTS_DIR / f"{name}{suffix}", content)
+            written.append(f"{PLOTS_DIR}/{name}{suffix}")
         sections.append(f"<h2>{title}</h2><img alt='{html.escape(title)}' "
-                        f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
-    page = _page(f"stars-deploy report: {run_dir.name}", manifest, _tables(summaries, export, distill), sections)
+                        f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+                        f"<p><a href='{PLOTS_DIR}/{name}.svg'>SVG</a></p>")
+    tables = ["<h2>Targets</h2>" + _table(TARGET_HEADER, _target_rows(summaries, dt_s))]
+    if checks:
+        tables.append("<h2>Gates</h2>" + _table(GATE_HEADER, _gate_rows(checks)))
+    tables += [
+        "<h2>Loihi quantisation</h2>" + _table(
+            ["layer", "kind", "exponent", "scale", "weights", "clipped", "RMS rel. error", "max abs error"],
+            [[q.get("layer"), q.get("kind"), q.get("exponent"), q.get("scale"), q.get("weights"),
+              q.get("weights_clipped"), q.get("weight_rms_relative_error"), q.get("weight_max_abs_error")]
+             for q in export.get("quantization", [])]),
+        "<h2>Distillation</h2>" + _table(["teacher accuracy", "student accuracy", "agreement with the teacher",
+                                          "rounds", "synthetic images", "wall time"],
+                                         [[percent(distill.get("teacher_accuracy")), percent(distill.get("student_accuracy")),
+                                           percent(distill.get("agreement")), distill.get("rounds"),
+                                           count(distill.get("synthetic_images")), si(distill.get("wall_time_s"), "s")]]),
+    ]
+    ending = ["<h2>Provenance</h2>" + _table(["what", "value"], _provenance(run_dir, manifest, export, summaries)),
+              "<h2>Glossary</h2><dl>" + "".join(f"<dt>{html.escape(term)}</dt><dd>{html.escape(text)}</dd>"
+                                              for term, text in GLOSSARY.items()) + "</dl>"]
+    page = _html(f"stars-deploy report: {run_dir.name}", tables + sections + ending)
     write_bytes(run_dir / REPORT, page.encode())
-    log(f"report: {run_dir / REPORT} ({len(written)} plots)")
+    log(f"report: {run_dir / REPORT} ({len(figures)} plots)")
     return {"report": str(run_dir / REPORT), "plots": written, "targets": list(summaries)}

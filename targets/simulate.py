@@ -10,6 +10,7 @@ targets/loihi.py), so spikes compare step by step with the float targets too.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ from stars_deploy.teachers import Normalizer
 from .record import TargetResult, concat_results, summarize
 from .registry import (REFERENCE_NONE, REFERENCE_STUDENT, compare_choices, exported_file, get_target,
                        sibling_file, targets)
+from .stimulus import InputFile, read_inputs
 from .target import RunnerOptions, Target
 
 BATCH = 256
@@ -109,38 +111,68 @@ def _run_batches(run, reference, images: torch.Tensor, batch_size: int) -> tuple
     return concat_results(results), concat_results(references) if references else None
 
 
+def _explicit(run: Callable, given: InputFile) -> Callable:
+    """A runner's ``run`` fed --inputs batches, sample-major slices made (T, B, ...) for sequences."""
+    return lambda batch: run(given.batch(batch), sequence=given.sequence)
+
+
+def run_warnings(runner, result: TargetResult) -> list[str]:
+    """What the user should know about a run: the runner's own warnings (a foreign file's
+    implausible time constants, fields netx ignores) and a run in which no layer spiked."""
+    found = list(getattr(runner, "warnings", None) or [])
+    if result.spikes and sum(result.spike_counts().values()) == 0:
+        found.append(f"no layer spiked in any of the {result.samples} samples: the outputs carry no information; "
+                     "check the inputs' scale and, for a file from another tool, --dt-s and the time constants")
+    return found
+
+
 def simulate(path: Path, target: str = "nir", data: str | None = None, samples: int | None = None,
              compare: str | None = None, dt_s: float | None = None, timesteps: int | None = None,
-             device: str = "auto", loihi2_pj_per_op: float | None = None) -> dict:
-    """Run ``target`` on ``data`` (default: the run's own evaluation data, else digits); the
-    metrics in the common summary (targets.record). ``compare=None`` compares with the run's
-    student when the file sits in a run directory, with nothing otherwise. Writes
-    RUN_DIR/simulate-<target>.json inside a run."""
+             device: str = "auto", loihi2_pj_per_op: float | None = None, inputs: Path | None = None) -> dict:
+    """Run ``target`` on ``data`` (default: the run's own evaluation data, else digits) or on
+    the explicit ``inputs`` (an .npz, targets/stimulus.py); the metrics in the common summary
+    (targets.record). ``compare=None`` compares with the run's student when the file sits in a
+    run directory, with nothing otherwise. Writes RUN_DIR/simulate-<target>.json inside a run."""
     spec = get_target(target)
     file, run_dir = resolve_file(path, spec)
-    compare = compare or (REFERENCE_STUDENT if run_dir is not None else REFERENCE_NONE)
+    compare = compare or (REFERENCE_STUDENT if run_dir is not None and inputs is None else REFERENCE_NONE)
     if compare not in compare_choices(spec):
         raise ConfigError(f"--compare {compare!r}: choose one of {', '.join(compare_choices(spec))}")
+    if inputs is not None and (data is not None or compare == REFERENCE_STUDENT):
+        raise ConfigError("--inputs gives the inputs themselves: it does not go with --data or --compare student")
     options = RunnerOptions(dt_s=dt_s, timesteps=timesteps, device=resolve_device(device))
     runner = spec.load(file, options)
-    data = data or run_eval_data(run_dir)
-    eval_data = load_eval_data(data).subset(samples)
-    images = model_inputs(runner.metadata, eval_data.images)
     reference = _reference_runner(compare, spec, file, run_dir, options)
+    run = runner.run
+    if inputs is not None:
+        given = read_inputs(inputs).subset(samples)
+        images, labels, data_name = given.inputs, given.labels, given.name
+        run = _explicit(runner.run, given)
+        reference = _explicit(reference, given) if callable(reference) else reference
+    else:
+        if getattr(runner, "inputs_required", None):
+            raise ConfigError(runner.inputs_required)
+        data = data or run_eval_data(run_dir)
+        eval_data = load_eval_data(data).subset(samples)
+        images, labels, data_name = model_inputs(runner.metadata, eval_data.images), eval_data.labels, eval_data.name
     compared = [] if compare in (REFERENCE_STUDENT, REFERENCE_NONE) else [get_target(compare)]
     whole = any(t.whole_batch for t in (spec, *compared))  # Lava builds one network per call: all samples at once
-    result, reference_result = _run_batches(runner.run, reference, images, len(images) if whole else BATCH)
-    summary = summarize(result, eval_data.labels, reference_result, energy=spec.energy,
+    result, reference_result = _run_batches(run, reference, images, len(images) if whole else BATCH)
+    summary = summarize(result, labels, reference_result, energy=spec.energy,
                         loihi2_pj_per_op=loihi2_pj_per_op)
-    summary.update(file=str(file), file_sha256=sha256_file(file), data=eval_data.name, compare=compare,
-                   request=simulation_request(data, samples, compare, dt_s, timesteps, loihi2_pj_per_op),
+    summary.update(file=str(file), file_sha256=sha256_file(file), data=data_name, compare=compare,
+                   request=simulation_request(data if inputs is None else f"inputs:{inputs}", samples, compare,
+                                              dt_s, timesteps, loihi2_pj_per_op),
                    conventions=spec.conventions,
-                   latency_note=spec.latency_note)
+                   latency_note=spec.latency_note, warnings=run_warnings(runner, result))
     for key in ("reference", "reference_accuracy", "agreement", "spike_mismatches"):
         summary.setdefault(key, None)
+    for line in summary["warnings"]:
+        print(f"stars-deploy: warning: {line}", file=sys.stderr, flush=True)  # also under --quiet
     if run_dir is not None:
         write_json(simulation_file(run_dir, spec.name), summary)
-    log(f"{spec.name}: {summary['accuracy']:.1%} on {eval_data.name}")
+    accuracy = "n/a" if summary["accuracy"] is None else f"{summary['accuracy']:.1%}"
+    log(f"{spec.name}: {accuracy} on {data_name}")
     return summary
 
 

@@ -98,11 +98,9 @@ CASES += [
                 "residual blocks lose their shortcut; from one process to the next it either fails in the "
                 "readout or returns a 256-wide output"),
     Case("snntorch resnet", "snntorch", student="resnet", claim="exact with setting", setting="dt = dt_s (as above)"),
-    Case("norse convnet-cuba", "norse", student="convnet-cuba",
-         setting="from_nir(graph, dt=dt_s)",
-         reason="from_nir reads CubaLIF by NIR's continuous definition, i += dt/tau_syn (w_in x - i); "
-                "our w_in = 1 means Norse LIFCell's i += x (then decay), which is that definition with "
-                "w_in = tau_syn/dt"),
+    Case("norse convnet-cuba", "norse", student="convnet-cuba", claim="exact",
+         setting="from_nir(graph, dt=dt_s): NIR's CubaLIF, i += dt/tau_syn (w_in x - i), with our "
+                 "w_in = tau_syn/dt is Norse LIFCell's i += x (then decay)"),
     Case("snntorch convnet-cuba", "snntorch", student="convnet-cuba", fails_with="r not supported in CubaLIF",
          reason="import_from_nir asserts r = tau_mem/dt for CubaLIF (its own export form); ours is r = 1"),
 ]

@@ -106,16 +106,22 @@ def test_report_page_loads_every_image_in_a_real_browser(pipeline_run):
             "return Array.from(document.querySelectorAll('table')).map(t => t.querySelectorAll('tbody tr').length)")
     finally:
         browser.quit()
-    assert [alt for alt, *_ in images] == ["Accuracy against timesteps", "Firing rates per layer", "Spike raster",
-                                           "Weight quantisation error", "Distillation curve"]
+    titles = ["Accuracy against timesteps", "Accuracy against energy",
+              "Per-layer spikes, synaptic ops, energy and latency", "Firing rates per layer", "Confusion matrices",
+              "Spike raster", "Weight quantisation error", "Distillation curve"]
+    assert [alt for alt, *_ in images] == titles
     for alt, complete, width, source in images:
         assert complete and width > 0, f"image {alt!r} did not load"
         assert source == "data:image/png;base64,", "the page must be self-contained"
-    assert {"Targets", "Loihi quantisation", "Distillation"} <= set(headings)
-    assert tables[0] == 2 and tables[1] >= 3 and tables[2] == 1  # nir + loihi; each netx layer; one run
+    assert {"Targets", "Gates", "Loihi quantisation", "Distillation", "Provenance", "Glossary"} <= set(headings)
+    # nir + loihi rows; the check's gates; each netx layer; one run; provenance rows
+    assert tables[0] == 2 and tables[1] >= 1 and tables[2] >= 3 and tables[3] == 1 and tables[4] >= 6
+    names = ["accuracy_vs_timesteps", "accuracy_vs_energy", "per_layer", "firing_rates", "confusion",
+             "spike_raster", "quantization_error", "distillation"]
     plots = sorted(p.name for p in (folder / "runs" / "ci" / "plots").iterdir())
-    assert plots == sorted(["accuracy_vs_timesteps.png", "firing_rates.png", "spike_raster.png",
-                            "quantization_error.png", "distillation.png"])
+    assert plots == sorted([f"{name}.png" for name in names] + [f"{name}.svg" for name in names])
+    for name in names:
+        assert (folder / "runs" / "ci" / "plots" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
 
 
 @pytest.mark.parametrize("text,match", [
@@ -140,3 +146,13 @@ def test_bad_pipeline_files_are_refused_before_distilling(tmp_path, monkeypatch,
 def test_missing_pipeline_file_exits_2(tmp_path):
     process = stars_deploy("pipeline", "nope.toml", cwd=tmp_path)
     assert process.returncode == 2 and "pipeline config nope.toml does not exist" in process.stderr
+
+
+def test_report_markdown_summary_for_a_pull_request(pipeline_run):
+    folder, _ = pipeline_run
+    process = stars_deploy("report", "runs/ci", "--format", "md", "--quiet", cwd=folder)
+    assert process.returncode == 0, process.stderr
+    text = process.stdout
+    assert text.startswith("### stars-deploy: ci") and (folder / "runs" / "ci" / "report.md").read_text() == text
+    assert "| loihi | 450 | float student |" in text and "| nir | 450 | float student |" in text
+    assert "Gates on loihi" in text and " %" in text and "J (Loihi 1)" in text

@@ -8,6 +8,9 @@ Every error the user can fix (a StarsDeployError, or click's own usage errors) p
 line, ``stars-deploy: error: ...``, on stderr and exits with code 2; with ``--json`` it also
 prints one JSON object ``{"error": ...}`` on stdout. Results go to stdout, progress and logs
 to stderr.
+
+Exit codes: 0 success, 1 a gate failed (check, pipeline), 2 a usage or input error, 3 an
+internal error (a bug), 130 / 143 interrupted by SIGINT / SIGTERM (interrupt.py).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import sys
 
 import click
 
-from stars_deploy import __version__
+from stars_deploy.version import __version__
 from stars_deploy.errors import StarsDeployError
+from stars_deploy.interrupt import HardStop, Interrupted, exit_code, signal_name
 from stars_deploy.progress import set_quiet, set_verbose, verbose
 
 from .ci import check, pipeline, report
@@ -29,7 +33,7 @@ from .teacher import teacher
 
 USAGE_ERROR = 2
 INTERNAL_ERROR = 3  # a bug, not the user's input: the one-line message asks for -v and a report
-INTERRUPTED = 130
+INTERRUPTED = 130  # SIGINT outside a run's safe points (a run itself says 130 or 143: interrupt.py)
 DEBUG_ENV = "STARS_DEPLOY_DEBUG"  # set to 1: internal errors raise with their traceback (as -v does)
 
 
@@ -71,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_usage_message(exc), as_json)
     except click.ClickException as exc:
         _fail(exc.format_message(), as_json, exc.exit_code)
+    except Interrupted as exc:
+        _fail(str(exc), as_json, exc.exit_code)
+    except HardStop as stop:  # a third signal while the second one's message was being made
+        _fail(f"stopped by {signal_name(stop.signum)}", as_json, exit_code(stop.signum))
     except StarsDeployError as exc:
         _fail(str(exc), as_json)
     except Exception as exc:

@@ -9,10 +9,11 @@ import click
 
 from stars_deploy.targets.gates import GATES, GATE_FAILED
 from stars_deploy.targets.registry import target_names
+from stars_deploy.targets.report import FORMATS
 from stars_deploy.units import percent
 
-from .common import (LazyChoice, TopicCommand, device_option, emit, option, output_options, quiet_if,
-                     run_dir_or_latest, runs_dir_option, table)
+from .common import (FiniteFloatRange, LazyChoice, TopicCommand, device_option, emit, inside_working_directory,
+                     option, output_options, quiet_if, run_dir_or_latest, runs_dir_option, table)
 
 
 def _format(value) -> str:
@@ -35,10 +36,10 @@ def print_gates(result: dict) -> None:
 
 def gate_options(function):
     """The gate limits as options (None: not given, so the config file's limit or no gate),
-    with their ranges checked by click (a fraction outside 0..1 is a usage error)."""
+    with their ranges checked by click (a fraction outside 0..1, or NaN, is a usage error)."""
     for gate in reversed(list(GATES.values())):
         flag = "--" + gate.name.replace("_", "-")
-        kind = click.FloatRange(gate.low, gate.high) if gate.kind is float else click.IntRange(gate.low, gate.high)
+        kind = FiniteFloatRange(gate.low, gate.high) if gate.kind is float else click.IntRange(gate.low, gate.high)
         function = option(flag, gate.name, type=kind, default=None, topic="Gates", show_default="no gate",
                           help=f"{'Lowest' if gate.minimum else 'Highest'} allowed {gate.description}.")(function)
     return function
@@ -66,10 +67,14 @@ def gate_options(function):
 def check(ctx, run_dir, target, data, samples, config, rerun, junit_xml, device, runs_dir, as_json, quiet, **limits):
     """Gate a run's exported student on a target (default: the latest run). Exit 0 when every
     gate passes, 1 when one fails, 2 on a usage or input error."""
+    from stars_deploy.devices import resolve_device
     from stars_deploy.targets.check import check as run_check
     from stars_deploy.targets.gates import write_junit_xml
 
     quiet_if(quiet)
+    if junit_xml is not None:
+        junit_xml = inside_working_directory(junit_xml, "--junit-xml")
+    resolve_device(device)  # before any work, also when a stored result is reused
     result = run_check(run_dir_or_latest(run_dir, runs_dir), target, limits, data, samples, config, rerun, device)
     if junit_xml is not None:
         write_junit_xml(junit_xml, result["gates"], f"stars-deploy check {result['target']}")
@@ -87,15 +92,24 @@ def check(ctx, run_dir, target, data, samples, config, rerun, junit_xml, device,
         help="For targets not simulated yet: digits, a .npz file or a CIFAR folder.")
 @option("--samples", type=click.IntRange(min=1), default=None, topic="Evaluation", show_default="all",
         help="Only the first N images, for targets not simulated yet.")
+@option("--format", "report_format", type=click.Choice(FORMATS), default="html", topic="Output",
+        help="html: RUN_DIR/report.html with plots; md: RUN_DIR/report.md, a short summary for a pull-request "
+             "comment, also printed on stdout.")
 @device_option()
 @runs_dir_option
 @output_options
-def report(run_dir, data, samples, device, runs_dir, as_json, quiet):
-    """Write RUN_DIR/report.html (self-contained, PNG plots) and RUN_DIR/plots/ (default: the latest run)."""
+def report(run_dir, data, samples, report_format, device, runs_dir, as_json, quiet):
+    """Write RUN_DIR/report.html (self-contained, plots as PNG and SVG under RUN_DIR/plots/), or with
+    --format md a Markdown summary (default: the latest run)."""
+    from stars_deploy.devices import resolve_device
     from stars_deploy.targets.report import write_report
 
     quiet_if(quiet)
-    payload = write_report(run_dir_or_latest(run_dir, runs_dir), data, samples, device)
+    resolve_device(device)  # before any work, also when every target's result is stored
+    payload = write_report(run_dir_or_latest(run_dir, runs_dir), data, samples, device, format=report_format)
+    if report_format == "md" and not as_json:
+        click.echo(payload["markdown"], nl=False)
+        return
     emit(payload, as_json, [("report", payload["report"]), ("plots", ", ".join(payload["plots"]) or "none"),
                             ("targets", ", ".join(payload["targets"]) or "none")])
 

@@ -54,18 +54,64 @@ def table(header: tuple, rows: list[tuple]) -> None:
 
 
 def run_dir_or_latest(run_dir: Path | None, runs_dir: Path) -> Path:
-    """RUN_DIR when given, else the newest finished run under ``runs_dir`` (said on stderr)."""
+    """RUN_DIR when given, else the newest finished run under ``runs_dir`` (said on stderr).
+    A run directory is checked before any command reads it: its manifest against the schema
+    (runs.py, distill/config.py), and temporary files a killed writer left are removed."""
     from stars_deploy.progress import log
     from stars_deploy.runs import latest_run
 
-    if run_dir is not None:
-        return run_dir
-    latest = latest_run(runs_dir)
-    log(f"using the latest run: {latest}")
-    return latest
+    if run_dir is None:
+        run_dir = latest_run(runs_dir)
+        log(f"using the latest run: {run_dir}")
+    return open_run_dir(run_dir)
+
+
+def open_run_dir(path: Path) -> Path:
+    """``path`` unchanged; when it is a run directory (it has a manifest), the manifest is
+    checked and orphaned temporary files are removed first."""
+    from stars_deploy.distill.config import read_run_config
+    from stars_deploy.layout import MANIFEST
+    from stars_deploy.progress import log
+    from stars_deploy.runs import open_run
+
+    if Path(path).is_dir() and (Path(path) / MANIFEST).exists():
+        read_run_config(path)
+        for orphan in open_run(path):
+            log(f"removed {orphan}, a temporary file left by a killed write")
+    return path
+
+
+def inside_working_directory(path: Path, option: str) -> Path:
+    """An output path from the command line: absolute as given, or relative and inside the
+    working directory (``../x`` may not write outside it)."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    here = Path.cwd().resolve()
+    target = (here / path).resolve()
+    if target != here and here not in target.parents:
+        raise click.BadParameter(f"{str(path)!r} is outside the working directory; give an absolute path to "
+                                 "write there", param_hint=option)
+    return path
 
 
 # ---- options --------------------------------------------------------------------------------
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, which lets NaN through (every comparison with NaN is false), with
+    NaN and infinities refused."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE_FLOAT = FiniteFloatRange()
+POSITIVE_FLOAT = FiniteFloatRange(min=0.0, min_open=True)
+
 class TopicOption(click.Option):
     """A click option with a help topic and hidden old spellings: ``aliases`` parse like the
     option's own flags but are left out of ``--help``."""

@@ -14,7 +14,7 @@ from stars_deploy.exporters.registry import EXPORTS, export_kind
 from stars_deploy.targets.registry import compare_choices, target_names, targets
 from stars_deploy.units import percent
 
-from .common import (LazyChoice, TopicCommand, device_option, emit, option, output_options, quiet_if,
+from .common import (POSITIVE_FLOAT, LazyChoice, TopicCommand, device_option, emit, option, output_options, quiet_if,
                      run_dir_or_latest, runs_dir_option, table)
 
 
@@ -28,7 +28,7 @@ def _export_help() -> str:
         help=f"What to export. {_export_help()}.")
 @option("--teacher", "with_teacher", is_flag=True, topic="Export", show_default=False,
         help="ONNX only: export the teacher too.")
-@option("--dt-s", type=float, default=None, topic="Foreign files", show_default="the file's dt_s",
+@option("--dt-s", type=POSITIVE_FLOAT, default=None, topic="Foreign files", show_default="the file's dt_s",
         help="Loihi: integration step in seconds, for .nir files without dt_s metadata.")
 @option("--timesteps", "-T", type=click.IntRange(min=1), default=None, topic="Foreign files",
         show_default="the file's", help="Loihi: steps per sample, for .nir files without it.")
@@ -77,26 +77,32 @@ def _all_compares() -> list[str]:
         help="digits, a .npz file or a CIFAR folder.")
 @option("--samples", type=click.IntRange(min=1), default=None, topic="Evaluation", show_default="all",
         help="Only the first N images.")
+@option("--inputs", "inputs", type=click.Path(path_type=Path, dir_okay=False), default=None, topic="Evaluation",
+        show_default="none: images from --data",
+        help="An .npz with the inputs themselves: 'inputs' (N, ...) or 'sequences' (N, T, ...), optional 'labels' "
+             "(README, Loihi); how a netx file from another tool is fed.")
 @option("--compare", type=LazyChoice(_all_compares), default=None, topic="Evaluation",
         show_default="student inside a run, else none",
         help="What to compare with: the run's folded student, another target on the same export, or none.")
-@option("--dt-s", type=float, default=None, topic="Foreign files", show_default="the file's dt_s",
+@option("--dt-s", type=POSITIVE_FLOAT, default=None, topic="Foreign files", show_default="the file's dt_s",
         help="Integration step in seconds, for files without dt_s metadata.")
 @option("--timesteps", "-T", type=click.IntRange(min=1), default=None, topic="Foreign files",
         show_default="the file's", help="Steps per sample, for files without metadata.")
 @device_option()
-@option("--loihi2-pj-per-op", type=float, default=None, topic="Energy", show_default="none: no Loihi 2 estimate",
+@option("--loihi2-pj-per-op", type=POSITIVE_FLOAT, default=None, topic="Energy", show_default="none: no Loihi 2 estimate",
         help="Energy per synaptic op or neuron update on Loihi 2, in pJ (no primary figure is published).")
 @runs_dir_option
 @output_options
-def simulate(path, target, data, samples, compare, dt_s, timesteps, device, loihi2_pj_per_op, runs_dir, as_json,
-             quiet):
+def simulate(path, target, data, samples, inputs, compare, dt_s, timesteps, device, loihi2_pj_per_op, runs_dir,
+             as_json, quiet):
     """Run an exported file (PATH: a .nir/.net file or a run directory; default: the latest run)."""
+    from stars_deploy.devices import resolve_device
     from stars_deploy.targets.simulate import simulate as run_simulation
 
     quiet_if(quiet)
+    resolve_device(device)  # before any file is read
     summary = run_simulation(run_dir_or_latest(path, runs_dir), target, data, samples, compare, dt_s=dt_s,
-                             timesteps=timesteps, device=device, loihi2_pj_per_op=loihi2_pj_per_op)
+                             timesteps=timesteps, device=device, loihi2_pj_per_op=loihi2_pj_per_op, inputs=inputs)
     energy = summary["energy_per_sample"] or {}
     rows = [("target", summary["target"]), ("samples", str(summary["samples"])),
             ("accuracy", percent(summary["accuracy"])),

@@ -24,10 +24,12 @@ def distill(runs_dir, run_name, resume, as_json, quiet, **options):
     and rank 0 alone writes the run and prints the result."""
     from stars_deploy.distill import distill as run_distill
     from stars_deploy.distill.distributed import launch_rank
-    from stars_deploy.distill.options import config_from_options
+    from stars_deploy.distill.options import check_run_options, config_from_options
 
     quiet_if(quiet)
     config = None if resume is not None else config_from_options(options)
+    if resume is None:
+        check_run_options(runs_dir, run_name)
     summary = run_distill(config, runs_dir=runs_dir, run_name=run_name, resume=resume)
     if launch_rank() != 0:
         return

@@ -41,13 +41,14 @@ def teacher_train(out, epochs, seed, as_json, quiet):
         help="Only the first N images.")
 @device_option()
 @output_options
-def teacher_eval(arch, weights, normalization, num_classes, data, samples, device, as_json, quiet):
+def teacher_eval(arch, weights, normalization, num_classes, input_shape, no_hflip, data, samples, device, as_json,
+                 quiet):
     """Accuracy of a teacher on a data set."""
     from stars_deploy.distill.options import teacher_spec
     from stars_deploy.teachers.evaluate import evaluate_teacher
 
     quiet_if(quiet)
-    spec = teacher_spec(arch, weights, normalization, num_classes)
+    spec = teacher_spec(arch, weights, normalization, num_classes, input_shape, no_hflip)
     summary = evaluate_teacher(spec, data, samples, device)
     emit(summary, as_json, [("teacher", summary["teacher"]), ("data", summary["data"]),
                             ("images", str(summary["images"])), ("accuracy", percent(summary["accuracy"]))])

@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from stars_deploy.devices import DEVICE_CHOICES
-from stars_deploy.errors import ConfigError
-from stars_deploy.fileio import read_json
+from stars_deploy.errors import CheckpointError, ConfigError
 from stars_deploy.layout import MANIFEST
+from stars_deploy.runs import read_manifest
 from stars_deploy.students import StudentConfig
 from stars_deploy.students.neurons import LIF_KERNELS, LIFConfig
 from stars_deploy.teachers import TeacherSpec
+from stars_deploy.validation import check_record, check_table
 
 from .generator import GENERATOR_STEPS, GENERATOR_Z_LR
 from .synthesis import SynthesisConfig
@@ -38,6 +39,16 @@ OBJECTIVES = {
 KD_MODES = ("mean", "per_step")
 HOSTS = ("deepinversion", "adi")  # pixel optimisation, without / with the competition term
 DEFAULT_L_ADV = 1.0
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes seed + rank as a 64-bit integer
+# The deepest CIFAR ResNet published (He et al. 2016: 1202 layers). Deeper stacks are a typo,
+# and merely describing one takes ~1.5 ms per layer before the memory check can answer.
+MAX_DEPTH = 1202
+# Record fields known to users by another flag (the rest: the field with dashes).
+FLAGS = {"arch": "teacher", "family": "student", "steps": "synthesis-steps", "lr": "synthesis-lr",
+         "method": "synthesizer", "compile": "compile-synthesis", "eval_data": "data"}
+# What a manifest's config must name: the rest may fall back to its default.
+REQUIRED = ("teacher", "student", "synthesis")
+NESTED_REQUIRED = {"teacher": ("arch",), "student": ("family", "input_shape", "num_classes", "lif")}
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,9 @@ class DistillConfig:
     channels_last: bool = False  # NHWC memory layout for the teacher's and the student's convolutions
 
     def __post_init__(self):
+        # types and finiteness first: NaN passes every `<` comparison below (--kd-lr nan)
+        for record in (self.teacher, self.student, self.student.lif, self.synthesis, self):
+            check_record(record, flags=FLAGS)
         if self.rounds is None and self.budget_s is None:
             raise ConfigError("give a budget: --rounds N and/or --budget-s SECONDS")
         if self.rounds is not None and self.rounds < 1:
@@ -73,8 +87,17 @@ class DistillConfig:
         for name in ("kd_steps", "kd_batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.kd_lr <= 0 or self.kd_temperature <= 0 or self.b_rca < 0 or self.pool_memory_mb <= 0:
-            raise ConfigError("--kd-lr, --kd-temperature and --pool-memory-mb must be positive, --b-rca >= 0")
+        for name in ("kd_lr", "kd_temperature", "pool_memory_mb"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.b_rca >= 0:
+            raise ConfigError(f"--b-rca must be >= 0, got {self.b_rca}")
+        if not self.student.lif.surrogate_alpha > 0:
+            raise ConfigError(f"--surrogate-alpha must be positive, got {self.student.lif.surrogate_alpha}")
+        if self.student.depth > MAX_DEPTH:
+            raise ConfigError(f"--depth {self.student.depth}: at most {MAX_DEPTH} layers")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {self.seed}")
         if self.lif_kernel not in LIF_KERNELS:
             raise ConfigError(f"--lif-kernel {self.lif_kernel!r}: choose one of {', '.join(LIF_KERNELS)}")
         if self.kd_mode not in KD_MODES:
@@ -99,7 +122,8 @@ class DistillConfig:
         teacher = dict(values.pop("teacher"))
         teacher["class_names"] = tuple(teacher.get("class_names", ()))
         synthesis = dict(values.pop("synthesis"))
-        synthesis["tar_ks"] = tuple(synthesis["tar_ks"])
+        if "tar_ks" in synthesis:
+            synthesis["tar_ks"] = tuple(synthesis["tar_ks"])
         return cls(teacher=TeacherSpec(**teacher), student=StudentConfig.from_dict(values.pop("student")),
                    synthesis=SynthesisConfig(**synthesis), **values)
 
@@ -146,6 +170,17 @@ def make_config(objective: str = "host", teacher: TeacherSpec | None = None, stu
                          **{k: v for k, v in options.items() if v is not None or k in ("rounds", "budget_s")})
 
 
+def config_from_manifest(manifest: dict, source: Path) -> DistillConfig:
+    """The DistillConfig of a manifest that :func:`read_manifest` accepted: every field of its
+    ``config`` checked for its type first, then the record's own ranges; a CheckpointError
+    names ``source`` and the key."""
+    try:
+        check_table(DistillConfig, manifest["config"], "config", REQUIRED, NESTED_REQUIRED)
+        return DistillConfig.from_dict(manifest["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"run manifest {source}: {exc}; restore the file or distil the run again") from None
+
+
 def read_run_config(run_dir: Path) -> DistillConfig:
-    """The configuration a run was distilled with (its manifest)."""
-    return DistillConfig.from_dict(read_json(Path(run_dir) / MANIFEST, "run manifest")["config"])
+    """The configuration a run was distilled with (its manifest, checked)."""
+    return config_from_manifest(read_manifest(run_dir), Path(run_dir) / MANIFEST)

@@ -12,6 +12,19 @@ optimiser, the RNG states, the pool's chunk list and the history go to checkpoin
 ``resume`` continues a killed run; on the CPU a resumed run with a round budget ends with
 exactly the weights of an uninterrupted one.
 
+Stops and failures (README "Safety and failure"):
+
+- SIGINT or SIGTERM (one process): the round in progress finishes, a checkpoint is saved, one
+  line says what was saved and the exact ``--resume`` command, and the process exits 130 or
+  143 (interrupt.py). A second signal stops at once; the last checkpoint stays intact.
+- ``--resume`` continues an interrupted or killed run; a finished one is refused (a longer
+  run is a new run: its learning-rate schedule depends on the budget).
+- A run that fails before its first checkpoint (a failed start) removes its directory.
+- A NaN or infinite loss term, or non-finite synthetic images, stop training before anything
+  of that round is saved, naming the term and the round (TrainingDiverged).
+- Running out of memory is one line naming the device and the options that decide it; the
+  configuration is first checked against the free memory (footprint.py).
+
 Under torchrun (distributed.py) N processes run this same loop: each synthesises its own
 batch, the N batches are shared so every rank's pool is the same, the KD steps are data
 parallel (DistributedDataParallel), rank 0's clock decides the budget, and rank 0 alone
@@ -21,28 +34,37 @@ writes the run directory.
 from __future__ import annotations
 
 import math
+import os
+import shlex
+import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from stars_deploy import vocabulary
 from stars_deploy.data import check_fits, load_eval_data
 from stars_deploy.devices import resolve_device
-from stars_deploy.errors import CheckpointError
+from stars_deploy.errors import CheckpointError, ConfigError, StarsDeployError
 from stars_deploy.evaluation import accuracy, evaluate_pair, predict, teacher_logits_fn
-from stars_deploy.fileio import load_torch, read_json, save_torch, write_json
+from stars_deploy.fileio import fit_state_dict, load_torch, save_torch, write_json
+from stars_deploy.interrupt import HardStop, Interrupted, StopSignals, signal_name
 from stars_deploy.layout import CHECKPOINT, DISTILL, MANIFEST, POOL_DIR, STUDENT
 from stars_deploy.progress import log, progress_bar
-from stars_deploy.runs import RUN_FORMAT, new_run_dir, sha256_file, timestamp, versions
+from stars_deploy.runs import (COMPLETE, INTERRUPTED, RUN_FORMAT, RUNNING, check_run_name, content_digest,
+                               new_run_dir, open_run, read_manifest, sha256_file, timestamp, versions)
 from stars_deploy.students import build_student, save_student
 from stars_deploy.students.neurons import resolve_lif_kernel, set_lif_kernel
 from stars_deploy.teachers import Normalizer, load_teacher
-from stars_deploy.teachers.training import ensure_default_teacher
+from stars_deploy.teachers.spec import check_finite_weights
+from stars_deploy.teachers.training import teacher_weights
 
 from .augment import train_augment
-from .config import DistillConfig
-from .distributed import Group, device_name, process_group
+from .config import DistillConfig, config_from_manifest
+from .distributed import Group, PeerError, device_name, launch_rank, launch_world_size, launched, process_group
+from .footprint import ADVICE, check_memory
 from .generator import GeneratorSynthesizer
 from .objectives import kd_loss, rca_loss
 from .pool import SyntheticPool
@@ -50,6 +72,16 @@ from .synthesis import PixelSynthesizer
 
 CHECKPOINT_FORMAT = "stars-deploy/checkpoint-v1"
 LR_FLOOR = 0.05  # the cosine schedule ends at this fraction of the initial learning rate
+# The checkpoint's schema (format stars-deploy/checkpoint-v1): key -> what it must hold.
+CHECKPOINT_KEYS = {"format": str, "round": int, "elapsed_s": float, "student": dict, "optimizer": dict,
+                   "pool": list, "history": list, "timings": dict, "rng": dict}
+OPTIONAL_CHECKPOINT_KEYS = {"world_size": int, "synthesizer": dict, "other_ranks": list, "sha256": str}
+DIGEST_KEY = "sha256"  # runs.content_digest of every other key: a flipped bit that still unpickles is refused
+OUT_OF_MEMORY = ("can't allocate memory", "out of memory")  # the allocators' words (CPU, CUDA)
+
+
+class TrainingDiverged(StarsDeployError):
+    """A loss term or the synthetic images became NaN or infinite: training stopped."""
 
 
 class Budget:
@@ -89,28 +121,50 @@ def _run_name(config: DistillConfig) -> str:
     return f"{config.teacher.arch}-{config.student.family}-{config.objective}-s{config.seed}-{timestamp()}"
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that continues ``run_dir``, as a user would type it."""
+    return f"stars-deploy distill --resume {shlex.quote(str(run_dir))}"
+
+
 def _resume_config(run_dir: Path) -> DistillConfig:
-    manifest = read_json(run_dir / MANIFEST, "run manifest")
-    if manifest.get("format") != RUN_FORMAT:
-        raise CheckpointError(f"{run_dir / MANIFEST} is not a stars-deploy run manifest")
+    """The configuration of the run in ``run_dir``, if it can be resumed: a checked manifest, a
+    checkpoint, and not finished. Rank 0 removes temporary files a killed writer left behind."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--resume {run_dir}: {'not a directory' if run_dir.exists() else 'does not exist'}; "
+                              f"give the run directory (the folder that holds {MANIFEST})")
+    manifest = read_manifest(run_dir)
+    config = config_from_manifest(manifest, run_dir / MANIFEST)
+    if manifest.get("status") == COMPLETE or (run_dir / DISTILL).is_file():
+        raise CheckpointError(f"{run_dir} is a finished run (status complete, {DISTILL} written): --resume only "
+                              "continues interrupted runs; to train longer, start a new run with a larger "
+                              "--rounds or --budget-s")
     if not (run_dir / CHECKPOINT).is_file():
         raise CheckpointError(f"{run_dir} has no {CHECKPOINT} to resume from (it stopped before the first checkpoint)")
-    return DistillConfig.from_dict(manifest["config"])
+    if launch_rank() == 0:
+        for orphan in open_run(run_dir, older_than_s=0.0):  # the run is this process's now
+            log(f"removed {orphan}, a temporary file left by a killed write")
+    return config
 
 
 def distill(config: DistillConfig | None = None, runs_dir: Path = Path("runs"), run_name: str | None = None,
             resume: Path | None = None) -> dict:
     """Run (or, with ``resume=RUN_DIR``, continue) a distillation; returns the summary that
     distill.json also holds. Progress goes to stderr. Under torchrun every process calls
-    this and takes part (distributed.py); each returns the summary, rank 0 writes the run."""
+    this and takes part (distributed.py); each returns the summary, rank 0 writes the run.
+
+    Before any work: the run name (one directory name) and the memory the configuration
+    needs (footprint.py). In one process SIGINT/SIGTERM stop at the next round's end with a
+    checkpoint (:class:`Interrupted`); under torchrun a stop ends the job at once (distributed.py)."""
     start = time.perf_counter()
     resume = Path(resume) if resume is not None else None
     config = _resume_config(resume) if resume is not None else config or DistillConfig()
-    with process_group(resolve_device(device_name(config.device))) as group:
-        run = Distillation(config, group, start)
-        run.setup(runs_dir, run_name, resume)
-        run.train()
-        return run.finish()
+    if resume is None and run_name is not None:
+        check_run_name(run_name)
+    device = resolve_device(device_name(config.device))
+    check_memory(config, device, launch_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    stops = None if launched() else StopSignals()  # torchrun stops its workers itself
+    with process_group(device) as group:
+        return Distillation(config, group, start).run(runs_dir, run_name, resume, stops)
 
 
 class Distillation:
@@ -125,6 +179,81 @@ class Distillation:
         self.last_terms: dict[str, float] = {}
         self.eval_set = None
         self.loss = None
+        self.run_dir: Path | None = None
+        self.resumed = False
+        self.stops: StopSignals | None = None
+        self.checkpointed_round: int | None = None  # the round of the checkpoint on disk
+        self.phase = "setting up"  # then "training", "saving the result": said when something stops it
+        self._kd_finite: dict[str, torch.Tensor] = {}
+
+    # ---- the whole run, and what a stop or a failure leaves -----------------------------------
+    def run(self, runs_dir: Path, run_name: str | None, resume: Path | None, stops: StopSignals | None) -> dict:
+        """Set up, train and finish, with ``stops`` handling SIGINT/SIGTERM (None: signals keep
+        their handlers). A failure before the first checkpoint removes the fresh run directory;
+        every failure's message says what was kept."""
+        self.resumed, self.stops = resume is not None, stops
+        try:
+            with stops or nullcontext():
+                self.setup(runs_dir, run_name, resume)
+                if stops is not None:
+                    stops.defer()
+                self.phase = "training"
+                self.train()
+                self.phase = "saving the result"
+                return self.finish()
+        except HardStop as stop:
+            kept = self._abandon()
+            second = "a second " if self.phase != "setting up" else ""
+            raise Interrupted(f"stopped by {second}{signal_name(stop.signum)} {self._when()}: {self._kept(kept, True)}",
+                              stop.signum) from None
+        except Interrupted:
+            raise
+        except PeerError:
+            raise  # under torchrun: its message already says how to resume
+        except BaseException as exc:
+            kept = self._abandon()
+            explained = self._explain(exc)
+            if explained is None:
+                raise
+            if self.run_dir is not None:
+                explained.args = (f"{explained}; {self._kept(kept, not isinstance(explained, TrainingDiverged))}",)
+            raise explained from None
+
+    def _abandon(self) -> bool:
+        """After a failure: remove a fresh run directory that has no checkpoint (nothing in it
+        can be resumed); True when the run directory is kept."""
+        run_dir = self.run_dir
+        if run_dir is None or not run_dir.exists():
+            return False
+        if self.resumed or not self.main or (run_dir / CHECKPOINT).is_file():
+            return True
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return False
+
+    def _kept(self, kept: bool, resumable: bool) -> str:
+        if self.run_dir is None:
+            return "nothing was saved (no run directory had been made)"
+        if not kept:
+            return "nothing was saved and the run directory was removed"
+        if not (self.run_dir / CHECKPOINT).is_file():
+            return f"{self.run_dir} is unchanged"
+        saved = self.checkpointed_round if self.checkpointed_round is not None else "its last"
+        hint = f": resume with `{resume_command(self.run_dir)}`" if resumable else ""
+        return f"the checkpoint of round {saved} in {self.run_dir} is intact{hint}"
+
+    def _explain(self, exc: BaseException) -> StarsDeployError | None:
+        """The one-line error for ``exc``: itself for a StarsDeployError, a ConfigError for an
+        allocator that ran out of memory, None for anything else (a bug: it keeps its traceback)."""
+        if isinstance(exc, StarsDeployError):
+            return exc
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or \
+                (isinstance(exc, RuntimeError) and any(words in str(exc) for words in OUT_OF_MEMORY)):
+            return ConfigError(f"out of memory on {self.device} {self._when()} ({text[:200]}): {ADVICE}")
+        return None
+
+    def _when(self) -> str:
+        return f"in round {self.round_index + 1}" if self.phase == "training" else f"while {self.phase}"
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self, runs_dir: Path, run_name: str | None, resume: Path | None) -> None:
@@ -132,7 +261,7 @@ class Distillation:
         the order that makes the RNG draws of a run (and of a resumed one) the same."""
         config, group, spec = self.config, self.group, self.config.teacher
         with group.local_leader_first():  # one teacher training per machine, the others wait for it
-            self.weights = Path(spec.weights) if spec.weights else ensure_default_teacher()
+            self.weights = teacher_weights(spec)
         # seeded after the teacher: training one (a fresh cache) seeds torch itself, and a run
         # must draw the same whether its teacher was cached or trained just now
         torch.manual_seed(config.seed + group.rank)  # rank 0 draws exactly what a single process draws
@@ -173,39 +302,60 @@ class Distillation:
         host = GeneratorSynthesizer if config.synthesis.method == "generator" else PixelSynthesizer
         extra = {"input_shape": spec.input_shape, "device": device} if host is GeneratorSynthesizer else {}
         self.synthesizer = host(self.teacher, self.normalizer, config.synthesis, spec.num_classes,
-                                spec.architecture.hflip, **extra)
+                                spec.flips, **extra)
         self.low = self.normalizer.bounds()[0].to(device)
-        self.flip = spec.architecture.hflip
+        self.flip = spec.flips
         self.budget = Budget(config.rounds, config.budget_s)
 
     def _write_manifest(self) -> None:
         config = self.config
         write_json(self.run_dir / MANIFEST, {
             "format": RUN_FORMAT, "created": timestamp(), "versions": versions(), "config": config.to_dict(),
-            "teacher_weights": str(self.weights), "teacher_sha256": sha256_file(self.weights),
+            "teacher_weights": str(self.weights) if self.weights else None,
+            "teacher_sha256": sha256_file(self.weights) if self.weights else None,
             vocabulary.DT_KEY: config.student.lif.dt_s, "reset": vocabulary.RESET,
             "integrator": vocabulary.INTEGRATOR, "layout": vocabulary.LAYOUT, "encoding": vocabulary.ENCODING,
-            "device": str(self.device), "processes": self.group.world_size, "status": "running"})
+            "device": str(self.device), "processes": self.group.world_size, "status": RUNNING})
+
+    def _set_status(self, status: str, **extra) -> None:
+        """Rewrite the manifest's status (rank 0)."""
+        if self.main:
+            manifest = read_manifest(self.run_dir)
+            manifest.update(status=status, **extra)
+            write_json(self.run_dir / MANIFEST, manifest)
 
     # ---- resume and checkpoint --------------------------------------------------------------
     def _restore(self) -> None:
         group, run_dir = self.group, self.run_dir
-        checkpoint = load_torch(run_dir / CHECKPOINT, "distillation checkpoint")
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{run_dir / CHECKPOINT} is not a stars-deploy distillation checkpoint")
+        path = run_dir / CHECKPOINT
+        checkpoint = load_torch(path, "distillation checkpoint")
+        check_checkpoint(checkpoint, path)
         processes = checkpoint.get("world_size", 1)
         if processes != group.world_size:
             raise CheckpointError(f"{run_dir} was distilled by {processes} process(es), this job has "
                                   f"{group.world_size}: resume it with torchrun --nproc-per-node {processes}"
                                   f"{' (or without torchrun)' if processes == 1 else ''}")
-        self.student.load_state_dict(checkpoint["student"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.pool.restore(checkpoint["pool"], source=run_dir / POOL_DIR)
+        if processes > 1 and len(checkpoint.get("other_ranks", [])) != processes - 1:
+            raise CheckpointError(f"distillation checkpoint {path}: key 'other_ranks' holds "
+                                  f"{len(checkpoint.get('other_ranks', []))} entries, expected {processes - 1}")
+        with restoring(path, "student"):
+            fit_state_dict(self.student, checkpoint["student"], f"distillation checkpoint {path}: key 'student'")
+            check_finite_weights(self.student, f"distillation checkpoint {path}: key 'student'")
+        with restoring(path, "optimizer"):
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        with restoring(path, "pool"):
+            self.pool.restore(checkpoint["pool"], source=run_dir / POOL_DIR)
         own = checkpoint if self.main else checkpoint["other_ranks"][group.rank - 1]  # per-rank RNG, synthesiser
-        self.synthesizer.load_state_dict(own.get("synthesizer", {}))
-        self.round_index, self.elapsed_s = checkpoint["round"], checkpoint["elapsed_s"]
-        self.history, self.timings = checkpoint["history"], checkpoint["timings"]
-        _set_rng_state(own["rng"])
+        with restoring(path, "synthesizer"):
+            self.synthesizer.load_state_dict(own.get("synthesizer", {}))
+        self.round_index, self.elapsed_s = checkpoint["round"], float(checkpoint["elapsed_s"])
+        self.history = checkpoint["history"]
+        self.timings.update(checkpoint["timings"])
+        with restoring(path, "rng"):
+            _set_rng_state(own["rng"])
+        self.checkpointed_round = self.round_index
+        if self.main and read_manifest(run_dir).get("status") != RUNNING:
+            self._set_status(RUNNING)
         log(f"resuming {run_dir} at round {self.round_index} ({self.elapsed_s:.0f} s spent, "
             f"{len(self.pool)} images in the pool)")
 
@@ -215,31 +365,49 @@ class Distillation:
         states = self.group.gather({"rng": _rng_state(), "synthesizer": self.synthesizer.state_dict()})
         if self.main:
             self.pool.flush()
-            save_torch(self.run_dir / CHECKPOINT, {
+            payload = {
                 "format": CHECKPOINT_FORMAT, "round": self.round_index, "elapsed_s": self.elapsed_s,
                 "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "pool": self.pool.state(), "history": self.history, "timings": self.timings,
-                "world_size": self.group.world_size, **states[0], "other_ranks": states[1:]})
+                "world_size": self.group.world_size, **states[0], "other_ranks": states[1:]}
+            save_torch(self.run_dir / CHECKPOINT, {**payload, DIGEST_KEY: content_digest(payload)})
+        self.checkpointed_round = self.round_index
         self.timings["checkpoint_s"] += time.perf_counter() - begin
 
     # ---- the rounds -------------------------------------------------------------------------
     def train(self) -> None:
         """Rounds until the budget is spent, checkpointing every ``checkpoint_every`` rounds and
-        once at the end."""
+        once at the end; a stop signal checkpoints at the end of its round and raises
+        :class:`Interrupted`."""
         config = self.config
         bar = progress_bar(config.rounds if config.rounds else config.budget_s, "distill",
                            "round" if config.rounds else "s")
         bar.update(self.round_index if config.rounds else min(self.elapsed_s, config.budget_s))
         self.student.train()
-        while self.budget.progress(self.round_index, self.elapsed_s) < 1.0:
-            round_s = self.round()
-            record = self.history[-1]
-            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("kd_loss", "student_accuracy") if k in record})
-            bar.update(1 if config.rounds else min(round_s, max(0.0, config.budget_s - bar.n)))
-            if self.round_index % config.checkpoint_every == 0:
-                self.checkpoint()
-        bar.close()
+        try:
+            while self.budget.progress(self.round_index, self.elapsed_s) < 1.0:
+                round_s = self.round()
+                record = self.history[-1]
+                bar.set_postfix({k: f"{record[k]:.3f}" for k in ("kd_loss", "student_accuracy") if k in record})
+                bar.update(1 if config.rounds else min(round_s, max(0.0, config.budget_s - bar.n)))
+                stop = self.stops is not None and self.stops.requested
+                if self.round_index % config.checkpoint_every == 0 or stop:
+                    self.checkpoint()
+                if stop and self.budget.progress(self.round_index, self.elapsed_s) < 1.0:
+                    self._interrupt(self.stops.signum)
+        finally:
+            bar.close()  # before any message: a bar cleared later would follow the one-line error
         self.checkpoint()
+
+    def _interrupt(self, signum: int) -> None:
+        """The safe point after a stop signal: the checkpoint is saved; say so and how to go on."""
+        self._set_status(INTERRUPTED, interrupted=timestamp())
+        config = self.config
+        progress = f"{self.round_index} of {config.rounds} rounds" if config.rounds else \
+            f"{self.elapsed_s:.0f} of {config.budget_s:g} s"
+        raise Interrupted(f"interrupted by {signal_name(signum)}: saved {self.run_dir / CHECKPOINT} at round "
+                          f"{self.round_index} ({progress}, {len(self.pool)} images in the pool); continue with "
+                          f"`{resume_command(self.run_dir)}`", signum)
 
     def round(self) -> float:
         """One synthesise -> pool -> KD round; appends its record to the history and returns its
@@ -247,14 +415,17 @@ class Distillation:
         config, group = self.config, self.group
         round_start = time.perf_counter()
         images, self.last_terms = self.synthesizer.synthesize(self.student, config.teacher.input_shape, self.device)
+        self._check_synthesis(images)
         for batch in group.share_batch(images):  # every rank's batch, in rank order
             self.pool.add(batch)
         synthesis_done = time.perf_counter()
         lr_scale = cosine_lr_scale(self.budget.progress(self.round_index, self.elapsed_s))
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = config.kd_lr * lr_scale
+        self._kd_finite = {}
         for _ in range(config.kd_steps):
             self.loss = self._kd_step()
+        self._check_kd()
         group.sync_buffers(self.student)  # the student's running statistics: rank 0's on every rank
         round_end = time.perf_counter()
         self.timings["synthesis_s"] += synthesis_done - round_start
@@ -268,6 +439,35 @@ class Distillation:
             record.update(self.evaluate())
         self.history.append(record)
         return round_end - round_start
+
+    def _check_synthesis(self, images: torch.Tensor) -> None:
+        """Refuse a synthetic batch whose loss terms or pixels are not finite, before it
+        reaches the pool. The terms are the batch's last step; each is named with its weight,
+        because a finite term times a huge weight is the usual way in."""
+        synthesis = self.config.synthesis
+        bad = [name for name, value in self.last_terms.items()
+               if not math.isfinite(value) and getattr(synthesis, f"l_{name}", 1.0) > 0]  # 0-weighted: not in L_syn
+        if bad or not bool(torch.isfinite(images).all()):
+            named = ", ".join(f"l_{name} (weight --l-{name} {getattr(synthesis, f'l_{name}'):g})" for name in bad)
+            what = f"the synthesis loss term(s) {named} became NaN or infinite" if bad else \
+                "the synthetic images became NaN or infinite"
+            raise TrainingDiverged(f"round {self.round_index + 1}: {what}; training stopped and nothing of this "
+                                   "round was saved. Check the teacher (does it overflow on random images?), or lower --synthesis-lr "
+                                   "or the largest term weight, in a new run")
+
+    def _check_kd(self) -> None:
+        """Refuse a round whose KD loss terms were not finite at some step (flags kept on the
+        device by _kd_step: one synchronisation per term and round, not per step)."""
+        bad = [name for name, finite in self._kd_finite.items() if not bool(finite)]
+        if bad:
+            raise TrainingDiverged(f"round {self.round_index + 1}: the student loss term {', '.join(bad)} became NaN "
+                                   "or infinite in its KD steps; training stopped and nothing of this round was "
+                                   "saved. Lower --kd-lr or --kd-temperature in a new run")
+
+    def _track_finite(self, name: str, value: torch.Tensor) -> None:
+        finite = torch.isfinite(value.detach()).all()
+        previous = self._kd_finite.get(name)
+        self._kd_finite[name] = finite if previous is None else previous & finite
 
     def _kd_step(self) -> torch.Tensor:
         """One student optimiser step on an augmented minibatch from the pool."""
@@ -283,8 +483,11 @@ class Distillation:
                 loss = torch.stack([kd_loss(z, teacher_logits, config.kd_temperature) for z in out.logits_t]).mean()
             else:
                 loss = kd_loss(out.logits, teacher_logits, config.kd_temperature)
+            self._track_finite("kd", loss)
             if config.b_rca > 0:
-                loss = loss + config.b_rca * rca_loss(teacher_features, out.features, config.synthesis.rca_variant)
+                rca = rca_loss(teacher_features, out.features, config.synthesis.rca_variant)
+                self._track_finite("rca", rca)
+                loss = loss + config.b_rca * rca
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
@@ -318,7 +521,60 @@ class Distillation:
         summary["wall_time_s"] = time.perf_counter() - self.start
         if self.main:
             write_json(run_dir / DISTILL, {**summary, "history": self.history, "replica_digests": digests})
-            manifest = read_json(run_dir / MANIFEST, "run manifest")
-            manifest.update(status="complete", finished=timestamp(), timings_s=self.timings)
-            write_json(run_dir / MANIFEST, manifest)
+            self._set_status(COMPLETE, finished=timestamp(), timings_s=self.timings)
         return summary
+
+
+@contextmanager
+def restoring(path: Path, key: str) -> Iterator[None]:
+    """Loading one key of a checkpoint into the run: anything that does not fit (a wrong shape,
+    a foreign optimiser, a corrupt RNG state) becomes one CheckpointError naming the key."""
+    try:
+        yield
+    except StarsDeployError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"distillation checkpoint {path}: key {key!r} does not fit this run ({reason[:200]}); "
+                              "the file is corrupt or from another configuration: restore it or start a new run") from None
+
+
+def check_checkpoint(checkpoint, path: Path) -> None:
+    """The checkpoint's schema (CHECKPOINT_KEYS): its format, every required key with the right
+    type, a non-negative round and elapsed time; a CheckpointError names the key."""
+    def refuse(problem: str):
+        raise CheckpointError(f"distillation checkpoint {path}: {problem}; the file is corrupt or not a stars-deploy "
+                              "checkpoint: restore it or start a new run")
+
+    if not isinstance(checkpoint, dict):
+        refuse("not a table of keys")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        refuse(f"key 'format' is {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    for key, kind in {**CHECKPOINT_KEYS, **OPTIONAL_CHECKPOINT_KEYS}.items():
+        if key not in checkpoint:
+            if key in CHECKPOINT_KEYS:
+                refuse(f"key {key!r} is missing")
+            continue
+        value = checkpoint[key]
+        numeric = kind in (int, float) and not isinstance(value, bool) and \
+            isinstance(value, (int,) if kind is int else (int, float))
+        if not (numeric if kind in (int, float) else isinstance(value, kind)):
+            refuse(f"key {key!r} is a {type(value).__name__}, expected {kind.__name__}")
+    if checkpoint["round"] < 0 or not math.isfinite(checkpoint["elapsed_s"]) or checkpoint["elapsed_s"] < 0:
+        refuse(f"round {checkpoint['round']} / elapsed_s {checkpoint['elapsed_s']} out of range")
+    if checkpoint.get("world_size", 1) < 1:
+        refuse(f"key 'world_size' is {checkpoint['world_size']}, expected at least 1")
+    sizes = [entry.get("size") if isinstance(entry, dict) else entry for entry in checkpoint["pool"]]
+    if not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+        refuse("key 'pool' must list positive chunk sizes")  # each with its sha256: pool.restore checks those
+    if not all(isinstance(record, dict) for record in checkpoint["history"]) or \
+            len(checkpoint["history"]) != checkpoint["round"]:
+        refuse(f"key 'history' must hold one record per round ({checkpoint['round']})")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in checkpoint["timings"].values()):
+        refuse("key 'timings' must hold finite seconds")
+    if not isinstance(checkpoint["rng"].get("cpu"), torch.Tensor):
+        refuse("key 'rng' holds no CPU generator state")
+    if DIGEST_KEY in checkpoint:  # checkpoints before the digest have none: their schema is all there is
+        content = {key: value for key, value in checkpoint.items() if key != DIGEST_KEY}
+        if content_digest(content) != checkpoint[DIGEST_KEY]:
+            refuse("its content does not match its sha256 (a bit flipped, or it was edited)")

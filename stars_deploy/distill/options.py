@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from stars_deploy.errors import ConfigError
+from stars_deploy.runs import check_run_name
 from stars_deploy.students import FAMILIES
 from stars_deploy.students.neurons import LIF_KERNELS, SURROGATES, LIFConfig
 from stars_deploy.teachers import ARCHITECTURES, NORMALIZATIONS, TeacherSpec
@@ -60,12 +61,19 @@ TEACHER, STUDENT, OBJECTIVE, SYNTHESIS, BUDGET, KD, EVALUATION, RUN, SPEED = (
     "Run directory", "Speed")
 
 TEACHER_OPTIONS = (
-    Option("arch", "teacher", str, DIGITS_TEACHER, "Teacher architecture.", TEACHER, choices=lambda: list(ARCHITECTURES)),
+    Option("arch", "teacher", str, DIGITS_TEACHER, "The teacher: a named architecture "
+           f"({', '.join(ARCHITECTURES)}), a package.module:function returning your nn.Module, or a "
+           "torch.export .pt2 file.", TEACHER),
     Option("weights", "weights", Path, None, "Teacher checkpoint (a state_dict; a 'module.' prefix is fine), "
            "loaded with weights_only=True.", TEACHER, show_default="the cached digits teacher"),
     Option("normalization", "normalization", str, "", "Input normalisation: a preset "
            f"({', '.join(NORMALIZATIONS)}) or 'm1,m2,m3/s1,s2,s3'.", TEACHER, show_default="the architecture's"),
     Option("num_classes", "num-classes", int, 10, "Classes of the teacher's output.", TEACHER),
+    Option("input_shape", "input-shape", str, None, "C,H,W of the teacher's input, for teachers that are not "
+           "named architectures.", TEACHER, show_default="the architecture's, or the .pt2 program's"),
+    Option("no_hflip", "no-hflip", bool, False, "Horizontal flips change the label (text, digits): never flip "
+           "synthetic or KD images. By default only named architectures of such data and 1-channel teachers "
+           "do not flip.", TEACHER),
 )
 
 DISTILL_OPTIONS = TEACHER_OPTIONS + (
@@ -215,21 +223,73 @@ def options_from_table(table: dict, where: str) -> dict[str, Any]:
     return values
 
 
-def teacher_spec(arch: str, weights: Path | None, normalization: str, num_classes: int) -> TeacherSpec:
-    """The TeacherSpec of the teacher options, checked now rather than mid-run."""
-    spec = TeacherSpec(arch=arch, weights=str(weights) if weights else None, normalization=normalization,
-                       num_classes=num_classes)
-    spec.mean_std  # validates the normalisation
-    if weights is None and arch != DIGITS_TEACHER:
-        raise ConfigError(f"--teacher {arch} needs --weights PATH (only {DIGITS_TEACHER} has a cached default)")
+def check_run_options(runs_dir: Path | None, run_name: str | None, where: str | None = None) -> None:
+    """Where a run will be written, checked before any work: the name is one directory name;
+    a pipeline file (``where`` names it) may only put its runs inside the directory it is run
+    from (relative, no '..'): a CI config must not write elsewhere. On the command line any
+    --runs-dir is the user's own choice."""
+    if run_name is not None:
+        check_run_name(run_name, f"{where}: name" if where else "--name")
+    if where is not None and runs_dir is not None:
+        path = Path(runs_dir)
+        if path.is_absolute() or ".." in path.parts:
+            raise ConfigError(f"{where}: runs-dir = {str(runs_dir)!r}: a pipeline file may only name a folder "
+                              "inside the directory it runs in (relative, no '..')")
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--input-shape {text!r}: give C,H,W, three positive integers (e.g. 3,32,32)")
+    return shape
+
+
+def teacher_spec(arch: str, weights: Path | None, normalization: str, num_classes: int,
+                 input_shape: str | None = None, no_hflip: bool = False) -> TeacherSpec:
+    """The TeacherSpec of the teacher options, checked now rather than mid-run: a named
+    architecture, a ``package.module:function`` or a ``.pt2`` program (teachers/sources.py)."""
+    from stars_deploy.teachers.adapters import load_program, program_input_shape
+    from stars_deploy.teachers.sources import FACTORY, PROGRAM, is_factory, is_program
+
+    shape, hflip = _shape(input_shape), (False if no_hflip else None)
+    weights = str(weights) if weights else None
+    if arch in ARCHITECTURES:
+        if shape is not None and shape != ARCHITECTURES[arch].input_shape:
+            raise ConfigError(f"--input-shape {input_shape}: --teacher {arch} takes {ARCHITECTURES[arch].input_shape}")
+        if weights is None and arch != DIGITS_TEACHER:
+            raise ConfigError(f"--teacher {arch} needs --weights PATH (only {DIGITS_TEACHER} has a cached default)")
+        spec = TeacherSpec(arch=arch, weights=weights, normalization=normalization, num_classes=num_classes,
+                           hflip=hflip)
+    elif is_program(arch):
+        if weights is not None:
+            raise ConfigError(f"--teacher {arch} is a torch.export program, which holds its weights: drop --weights")
+        shape = shape or program_input_shape(load_program(Path(arch)))
+        if shape is None:
+            raise ConfigError(f"--teacher {arch}: the program's input shape is not fixed: give --input-shape C,H,W")
+        spec = TeacherSpec(arch=PROGRAM, weights=arch, normalization=normalization, num_classes=num_classes,
+                           shape=shape, hflip=hflip)
+    elif is_factory(arch):
+        spec = TeacherSpec(arch=FACTORY, factory=arch, weights=weights, normalization=normalization,
+                           num_classes=num_classes, shape=shape, hflip=hflip)
+    else:
+        raise ConfigError(f"unknown teacher {arch!r}: give a named architecture ({', '.join(ARCHITECTURES)}), "
+                          "package.module:function or a .pt2 file")
+    spec.mean_std  # validates the normalisation against the channels
     return spec
 
 
-def config_from_options(values: dict[str, Any]) -> DistillConfig:
+def config_from_options(values: dict[str, Any], teacher: TeacherSpec | None = None) -> DistillConfig:
     """The DistillConfig for the distill options ``values`` (Python names; missing ones at
-    their defaults; the run-directory options are ignored)."""
+    their defaults; the run-directory options are ignored). ``teacher``: a spec made by the
+    caller (the Python API's module teachers), instead of the teacher options."""
     v = {**defaults(), **values}
-    spec = teacher_spec(v["arch"], v["weights"], v["normalization"], v["num_classes"])
+    spec = teacher or teacher_spec(v["arch"], v["weights"], v["normalization"], v["num_classes"], v["input_shape"],
+                                   v["no_hflip"])
     budget_s = DEFAULT_BUDGET_S if v["budget_s"] is None and v["rounds"] is None else v["budget_s"]
     return make_config(
         v["objective"], teacher=spec, host=v["host"],

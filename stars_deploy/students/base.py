@@ -69,6 +69,8 @@ class StudentFamily:
     default_depth: int
     summary: str  # one line for --help
     validate: Callable[["StudentConfig"], None] = lambda config: None  # raises ConfigError
+    rate_forward: Callable[[nn.Module, torch.Tensor, nn.Module], "StudentOutput"] | None = None
+    # ^ (student, images, rate activation) -> the rate twin's output (rate.py), or None: no twin
 
 
 FAMILIES: dict[str, StudentFamily] = {}

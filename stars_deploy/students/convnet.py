@@ -70,7 +70,17 @@ def describe_convnet(builder: GraphBuilder, student: nn.Module, lif: LIFConfig) 
     return builder.affine("readout", student.readout, source), spike_layers
 
 
+def convnet_rate_forward(student: nn.Module, images: torch.Tensor, activation: nn.Module) -> StudentOutput:
+    """The rate twin (rate.py): every LIF replaced by its constant-current rate, one step."""
+    rates = images
+    for layer in student.layers:
+        rates = activation(layer.bn(layer.conv(rates)))
+    logits = student.readout(rates.flatten(1))
+    return StudentOutput(logits, logits.unsqueeze(0), rates.mean(dim=(2, 3)), {})
+
+
 CONVNET = register_family(StudentFamily(
     name="convnet", build=SpikingConvNet, fold=fold_spiking_convs, describe=describe_convnet,
+    rate_forward=convnet_rate_forward,
     default_width=32, default_depth=3,
     summary="strided conv-BN-LIF layers, flatten, dense readout (feed-forward, Loihi-deployable)"))

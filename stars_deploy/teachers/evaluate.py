@@ -7,7 +7,7 @@ from pathlib import Path
 from stars_deploy.data import check_fits, load_eval_data
 from stars_deploy.devices import resolve_device
 from stars_deploy.evaluation import accuracy, predict, teacher_logits_fn
-from .training import ensure_default_teacher
+from .training import teacher_weights
 from .spec import Normalizer, TeacherSpec, load_teacher
 
 
@@ -15,7 +15,7 @@ def evaluate_teacher(spec: TeacherSpec, data: str = "digits", samples: int | Non
                      device: str = "auto") -> dict:
     """Accuracy (fraction) of the teacher described by ``spec`` on ``data``."""
     target = resolve_device(device)
-    weights = Path(spec.weights) if spec.weights else ensure_default_teacher()
+    weights = teacher_weights(spec)
     model = load_teacher(spec, weights).to(target)
     eval_set = load_eval_data(data).subset(samples)
     check_fits(eval_set, spec.input_shape, spec.num_classes, f"teacher {spec.arch}")

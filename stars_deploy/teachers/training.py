@@ -21,6 +21,7 @@ from .spec import Normalizer, TeacherSpec, build_teacher
 
 CACHE_ENV = "STARS_DEPLOY_CACHE"
 DIGITS_TEACHER_FILE = "digits_cnn.pt"
+DIGITS_ARCH = "digits_cnn"
 
 
 def cache_dir() -> Path:
@@ -79,3 +80,12 @@ def ensure_default_teacher() -> Path:
         log(f"no cached digits teacher at {path}: training one (a few seconds)")
         train_digits_teacher(path)
     return path
+
+
+def teacher_weights(spec: TeacherSpec) -> Path | None:
+    """The checkpoint a spec's teacher loads: its own, the cached digits teacher for the digits
+    architecture without one (trained first if missing), or None (a factory that returns a
+    trained module)."""
+    if spec.weights:
+        return Path(spec.weights)
+    return ensure_default_teacher() if spec.arch == DIGITS_ARCH else None
