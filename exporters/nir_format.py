@@ -18,6 +18,8 @@ written into the graph's metadata, and every reader of ours validates it:
       class_names     JSON list, one per Output element
       readout         "mean": the prediction is argmax of the Output node's mean over T
       spike_layers    JSON {NIR node name: student spike name} for every spiking node
+      sha256          the checksum of every other dataset in the file (nir_validate.py defines
+                      it): a reader recomputes it and refuses a file whose arrays changed
 
 Time constants are float64 seconds (``tau = tau_steps * dt_s``) so that a reader computing
 ``1 / tau`` in float64 gets Norse's float32 rate exactly.
@@ -29,6 +31,9 @@ from_nir, nirtorch's default map) then keep the batch dimension instead of flatt
 Neuron parameters are full-shape arrays even where every value is equal: NIR 1.0.8 takes a
 neuron's input type from its parameters' shape, so a scalar or per-channel form fails type
 checking (tests/test_interop.py and README list which readers read the file exactly).
+
+Reading validates the whole file before ``nir.read`` allocates it (nir_validate.py: sizes,
+node types, dtypes, finiteness, metadata types and ranges, the checksum of our own files).
 """
 
 from __future__ import annotations
@@ -37,28 +42,38 @@ import io
 import json
 from pathlib import Path
 
+import h5py
 import nir
-import numpy as np
 
-from stars_deploy.errors import StarsDeployError
+from .nir_validate import CHECKSUM_KEY, JSON_KEYS, NIRFormatError, decode_metadata, file_sha256, validate_file
 
 NIR_FORMAT = "stars-deploy/nir-v1"  # the words of the other keys: stars_deploy/vocabulary.py
-JSON_KEYS = ("normalization", "class_names", "spike_layers")
+MAX_FILE_BYTES = 2**31  # more than any graph within nir_validate's bounds needs
+METADATA_KEYS = ("format", "dt_s", "integrator", "reset", "state_init", "timesteps", "encoding", "normalization",
+                 "class_names", "readout", "spike_layers", "student_family", CHECKSUM_KEY)  # all a writer of ours sets
 
-
-class NIRFormatError(StarsDeployError):
-    """A NIR file or graph that cannot be read, or breaks the conventions a reader assumes."""
+__all__ = ["NIR_FORMAT", "NIRFormatError", "decode_metadata", "encode_metadata", "nir_bytes", "read_nir", "write_nir"]
 
 
 def read_nir(path: Path) -> nir.NIRGraph:
-    """``nir.read(path, type_check=True)``; a missing or unreadable file raises NIRFormatError."""
+    """The graph of the .nir file at ``path``, validated (nir_validate.validate_file) and then
+    read by ``nir.read(path, type_check=True)``; any problem raises NIRFormatError naming the
+    file and the node, field or metadata key."""
     path = Path(path)
+    if path.is_dir():
+        raise NIRFormatError(f"NIR file {path} is a directory: give the .nir file inside it "
+                             "(export/student.nir in a run directory)")
     if not path.is_file():
         raise NIRFormatError(f"NIR file {path} does not exist")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise NIRFormatError(f"NIR file {path} is {path.stat().st_size:,} bytes, more than any graph "
+                             f"stars-deploy reads ({MAX_FILE_BYTES:,})")
+    validate_file(path, own_format=NIR_FORMAT, own_keys=METADATA_KEYS)
     try:
         return nir.read(path, type_check=True)
-    except Exception as exc:  # h5py, nir's own ValueError/KeyError, type-check failures
-        raise NIRFormatError(f"cannot read {path} as a NIR graph: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # nir's own ValueError/KeyError and type-check failures, after validation
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise NIRFormatError(f"cannot read {path} as a NIR graph: {type(exc).__name__}: {text}") from None
 
 
 def encode_metadata(metadata: dict) -> dict:
@@ -67,30 +82,30 @@ def encode_metadata(metadata: dict) -> dict:
             for key, value in metadata.items()}
 
 
-def decode_metadata(metadata: dict | None) -> dict:
-    """The inverse of :func:`encode_metadata` for a graph read back by ``nir.read``."""
-    decoded = {}
-    for key, value in (metadata or {}).items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        if isinstance(value, np.generic):
-            value = value.item()
-        if key in JSON_KEYS and isinstance(value, str):
-            value = json.loads(value)
-        decoded[key] = value
-    return decoded
+def _serialise(graph: nir.NIRGraph, metadata: dict) -> bytes:
+    saved = graph.metadata
+    graph.metadata = metadata  # written with these, the caller's graph left as it was
+    try:
+        buffer = io.BytesIO()
+        nir.write(buffer, graph)
+        return buffer.getvalue()
+    finally:
+        graph.metadata = saved
 
 
 def nir_bytes(graph: nir.NIRGraph) -> bytes:
-    """The graph serialised by ``nir.write`` as HDF5 bytes.
+    """The graph serialised by ``nir.write`` as HDF5 bytes, with metadata ``sha256``: the
+    checksum of every other dataset (nir_validate.content_sha256), computed from the file as
+    written once without it, so the reader hashes exactly what is stored.
 
-    Deterministic: h5py records no object timestamps by default (``track_times=False``) and
-    gzip output depends only on the data; tests/test_export_nir.py checks two exports of the
-    same student, a second apart, for byte identity.
+    Deterministic: h5py records no object timestamps by default (``track_times=False``), gzip
+    output and the checksum depend only on the data; tests/test_export_nir.py checks two
+    exports of the same student, a second apart, for byte identity.
     """
-    buffer = io.BytesIO()
-    nir.write(buffer, graph)
-    return buffer.getvalue()
+    metadata = {key: value for key, value in (graph.metadata or {}).items() if key != CHECKSUM_KEY}
+    with h5py.File(io.BytesIO(_serialise(graph, metadata)), "r") as handle:
+        digest = file_sha256(handle)
+    return _serialise(graph, {**metadata, CHECKSUM_KEY: digest})
 
 
 def write_nir(path: Path, graph: nir.NIRGraph) -> None:

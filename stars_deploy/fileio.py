@@ -13,10 +13,11 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,38 +119,73 @@ def save_torch(path: Path, payload: Any) -> None:
     _atomic_write(path, buffer.getvalue())
 
 
+def _missing(path: Path, what: str) -> CheckpointError | None:
+    """The error for a path that is not a readable file, or None when it is one."""
+    if path.is_dir():
+        return CheckpointError(f"{what} {path} is a directory, not a file: give the file's path")
+    if not path.exists():
+        return CheckpointError(f"{what} {path} does not exist: check the path")
+    if not path.is_file():
+        return CheckpointError(f"{what} {path} is not a regular file: give the file's path")
+    return None
+
+
+# torch's weights-only refusal names the offending global in one line, inside advice that
+# suggests weights_only=False: we keep the name and never repeat the advice
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _one_line(text: str) -> str:
+    """The first sentence of a library's error, without ANSI codes, on one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
+    first = text.splitlines()[0] if text else ""
+    return first.split(". ")[0].rstrip(".")
+
+
 def load_torch(path: Path, what: str = "checkpoint") -> Any:
     """Load a torch file with ``weights_only=True``: tensors and plain containers only, no code.
 
-    Raises CheckpointError naming the file when it is missing, truncated or not a torch file.
+    Raises CheckpointError naming the file when it is missing, a directory, truncated, not a
+    torch file, or holds anything but tensors and plain containers (never suggesting to load
+    it with weights_only=False).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist: check the path")
+    problem = _missing(path, what)
+    if problem is not None:
+        raise problem
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        with warnings.catch_warnings():
+            # e.g. "Detected pickle protocol 4": one more stderr line for a file that loads or fails anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the weights-only unpickler runs no code, so any failure is the file's
+        unsafe = _UNSAFE_GLOBAL.search(str(exc))
+        if unsafe:
+            raise CheckpointError(
+                f"refusing to load {what} {path}: it holds more than tensors and plain containers "
+                f"(global {unsafe.group(1)}), and it was not run; save a state_dict instead") from None
+        reason = _one_line(str(exc))
+        if not reason or "Weights only load failed" in reason:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            reason = _one_line(detail.group(1)) if detail else ""
+        reason = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
         raise CheckpointError(
             f"cannot read {what} {path}: the file is truncated, corrupt or not a PyTorch "
             f"checkpoint ({reason}); re-save or re-download it"
         ) from None
-    except Exception as exc:  # pickle.UnpicklingError for disallowed globals
-        raise CheckpointError(
-            f"refusing to load {what} {path}: it holds more than tensors and plain containers "
-            f"({str(exc).splitlines()[0]}); save a state_dict instead"
-        ) from None
 
 
 def read_json(path: Path, what: str = "file") -> Any:
-    """Read JSON, naming the file in the error when it is missing or malformed."""
+    """Read JSON, naming the file in the error when it is missing, a directory or malformed."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist")
+    problem = _missing(path, what)
+    if problem is not None:
+        raise problem
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{what} {path} is not valid JSON ({exc})") from None
+        return json.loads(path.read_bytes().decode("utf8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({_one_line(str(exc)) or type(exc).__name__}); "
+                              "re-run the command that wrote it") from None
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -78,7 +78,7 @@ def test_two_processes_make_one_run_that_rank_0_writes(tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["processes"] == 2
     # the ranks synthesised different batches (seed + rank), shared in rank order
-    first, second = (torch.load(run_dir / "pool" / f"chunk_{i:06d}.pt", weights_only=True) for i in (0, 1))
+    first, second = (torch.load(run_dir / "pool" / f"chunk_{i:06d}.pt", weights_only=True)["images"] for i in (0, 1))
     assert first.shape == second.shape == (32, 1, 8, 8) and not torch.equal(first, second)
     # every rank's final student is the one rank 0 saved
     distilled = json.loads((run_dir / "distill.json").read_text())

@@ -617,8 +617,9 @@ def check_checkpoint(checkpoint, path: Path) -> None:
         refuse(f"round {checkpoint['round']} / elapsed_s {checkpoint['elapsed_s']} out of range")
     if checkpoint.get("world_size", 1) < 1:
         refuse(f"key 'world_size' is {checkpoint['world_size']}, expected at least 1")
-    if not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in checkpoint["pool"]):
-        refuse("key 'pool' must list positive chunk sizes")
+    sizes = [entry.get("size") if isinstance(entry, dict) else entry for entry in checkpoint["pool"]]
+    if not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+        refuse("key 'pool' must list positive chunk sizes")  # each with its sha256: pool.restore checks those
     if not all(isinstance(record, dict) for record in checkpoint["history"]) or \
             len(checkpoint["history"]) != checkpoint["round"]:
         refuse(f"key 'history' must hold one record per round ({checkpoint['round']})")
