@@ -26,7 +26,7 @@ from stars_deploy.progress import log
 from stars_deploy.runs import sha256_file
 from stars_deploy.teachers import Normalizer
 
-from .record import TargetResult, concat_results, summarize
+from .record import Tally, TargetResult, summarize
 from .registry import (REFERENCE_NONE, REFERENCE_STUDENT, compare_choices, exported_file, get_target,
                        sibling_file, targets)
 from .stimulus import InputFile, read_inputs
@@ -99,16 +99,17 @@ def _reference_runner(compare: str, target: Target, file: Path, run_dir: Path | 
     return other.load(sibling_file(file, other), options).run
 
 
-def _run_batches(run, reference, images: torch.Tensor, batch_size: int) -> tuple[TargetResult, TargetResult | None]:
-    results, references = [], []
+def _run_batches(run, reference, images: torch.Tensor, batch_size: int) -> Tally:
+    """The tally of every batch, each compared with ``reference`` on the same images as it
+    goes (only per-layer sums are kept, so memory does not grow with the spikes)."""
+    total = None
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        results.append(run(batch).cpu())
-        if reference == "self":
-            references.append(results[-1])
-        elif reference is not None:
-            references.append(reference(batch).cpu())
-    return concat_results(results), concat_results(references) if references else None
+        result = run(batch).cpu()
+        other = result if reference == "self" else reference(batch).cpu() if reference is not None else None
+        tally = Tally.of(result, other)
+        total = tally if total is None else total + tally
+    return total
 
 
 def _explicit(run: Callable, given: InputFile) -> Callable:
@@ -116,11 +117,11 @@ def _explicit(run: Callable, given: InputFile) -> Callable:
     return lambda batch: run(given.batch(batch), sequence=given.sequence)
 
 
-def run_warnings(runner, result: TargetResult) -> list[str]:
+def run_warnings(runner, result: Tally) -> list[str]:
     """What the user should know about a run: the runner's own warnings (a foreign file's
     implausible time constants, fields netx ignores) and a run in which no layer spiked."""
     found = list(getattr(runner, "warnings", None) or [])
-    if result.spikes and sum(result.spike_counts().values()) == 0:
+    if result.spikes_by_step and sum(result.spike_counts().values()) == 0:
         found.append(f"no layer spiked in any of the {result.samples} samples: the outputs carry no information; "
                      "check the inputs' scale and, for a file from another tool, --dt-s and the time constants")
     return found
@@ -157,9 +158,8 @@ def simulate(path: Path, target: str = "nir", data: str | None = None, samples: 
         images, labels, data_name = model_inputs(runner.metadata, eval_data.images), eval_data.labels, eval_data.name
     compared = [] if compare in (REFERENCE_STUDENT, REFERENCE_NONE) else [get_target(compare)]
     whole = any(t.whole_batch for t in (spec, *compared))  # Lava builds one network per call: all samples at once
-    result, reference_result = _run_batches(run, reference, images, len(images) if whole else BATCH)
-    summary = summarize(result, labels, reference_result, energy=spec.energy,
-                        loihi2_pj_per_op=loihi2_pj_per_op)
+    result = _run_batches(run, reference, images, len(images) if whole else BATCH)
+    summary = summarize(result, labels, energy=spec.energy, loihi2_pj_per_op=loihi2_pj_per_op)
     summary.update(file=str(file), file_sha256=sha256_file(file), data=data_name, compare=compare,
                    dt_s=dt_s if dt_s is not None else runner.metadata.get("dt_s"),
                    request=simulation_request(data if inputs is None else f"inputs:{inputs}", samples, compare,

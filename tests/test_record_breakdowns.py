@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stars_deploy.targets.energy import loihi_energy
-from stars_deploy.targets.record import TargetResult, summarize
+from stars_deploy.targets.record import Tally, TargetResult, summarize
 from stars_deploy.units import of, percent, si, steps_and_time
 
 
@@ -36,6 +36,42 @@ def test_first_spike_steps_count_the_pipeline_position_and_skip_silent_samples()
     expected = [int(fired[:, b].float().argmax()) + 1 + 1 for b in range(6) if fired[:, b].any()]
     assert summary["first_spike_step_per_layer"]["b"] == pytest.approx(sum(expected) / len(expected))
     assert len(expected) == 5  # the silent sample is left out
+
+
+def _split(result: TargetResult, parts: slice) -> TargetResult:
+    """The samples ``parts`` of a record, with synops and neuron updates in proportion."""
+    share = len(range(result.samples)[parts]) / result.samples
+    return TargetResult(result.target, result.logits_t[:, parts], {k: v[:, parts] for k, v in result.spikes.items()},
+                        {name: float(result.spikes[name][:, parts].sum()) * (7 if name == "a" else 3)
+                         for name in result.spikes}, {"run": 1.0}, result.latency_steps,
+                        result.pipeline_delay_steps, result.neuron_updates * share, 0, result.energy)
+
+
+def _close(a, b) -> bool:
+    """Equal, floats to 1e-9 relative, through nested dicts and lists."""
+    if isinstance(b, dict):
+        return isinstance(a, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in b)
+    if isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == pytest.approx(b, rel=1e-9) if isinstance(b, float) else a == b
+
+
+def test_a_tally_of_batches_summarizes_like_one_record_of_them_all():
+    # simulate keeps per-layer sums of each batch, never every spike: the summary must not change
+    result, labels = _result(delay=1), torch.tensor([0, 1, 2, 0, 1, 2])
+    reference = TargetResult("ref", result.logits_t.flip(1), {k: v.flip(1) for k, v in result.spikes.items()},
+                             result.synops, latency_steps=6, pipeline_delay_steps=1)
+    parts = [slice(0, 2), slice(2, 5), slice(5, 6)]
+    tally = Tally.of(_split(result, parts[0]), _split(reference, parts[0]))
+    for part in parts[1:]:
+        tally = tally + Tally.of(_split(result, part), _split(reference, part))
+    whole, batched = summarize(result, labels, reference), summarize(tally, labels)
+    assert batched.pop("timings_s") == {"run": 3.0}
+    whole.pop("timings_s")
+    assert batched.keys() == whole.keys()
+    for key, value in whole.items():
+        assert _close(batched[key], value), key
+    assert batched["spike_mismatches"] > 0 and batched["agreement"] < 1
 
 
 def test_confusion_matrix_counts_true_against_predicted():
