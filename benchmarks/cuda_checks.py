@@ -54,7 +54,7 @@ from stars_deploy.exporters.nir_export import student_to_nir
 from stars_deploy.exporters.nir_format import read_nir, write_nir
 from stars_deploy.students.neurons import LIFConfig, LIFSequence, set_lif_kernel
 from stars_deploy.students import StudentConfig, build_student
-from stars_deploy.distill.synthesis import PixelSynthesizer, SynthesisConfig
+from stars_deploy.distillation.synthesis import PixelSynthesizer, SynthesisConfig
 from stars_deploy.targets.loihi import LoihiEmulator
 from stars_deploy.targets.nir_reference import NIRReference
 from stars_deploy.targets.record import spike_mismatches

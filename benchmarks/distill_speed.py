@@ -1,6 +1,6 @@
 """Distillation throughput: synthesis iterations per second, KD images per second and peak
 memory, for several variants side by side, on the CPU or CUDA. Each variant is a short
-real distillation through the public API (stars_deploy.distill) with a round budget.
+real distillation through the public API (stars_deploy.distillation) with a round budget.
 
     python benchmarks/distill_speed.py                       # digits default, CPU
     python benchmarks/distill_speed.py --teacher-arch cifar_resnet20 \\
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from stars_deploy.devices import resolve_device
-from stars_deploy.distill import distill, make_config
+from stars_deploy.distillation import distill, make_config
 from stars_deploy.progress import set_quiet
 from stars_deploy.teachers import TeacherSpec
 

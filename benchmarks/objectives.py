@@ -15,7 +15,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from stars_deploy.distill import distill, make_config
+from stars_deploy.distillation import distill, make_config
 from stars_deploy.progress import set_quiet
 
 

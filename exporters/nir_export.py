@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from stars_deploy import vocabulary
-from stars_deploy.distill.config import read_run_config
+from stars_deploy.distillation.config import read_run_config
 from stars_deploy.errors import ConfigError
 from stars_deploy.layout import STUDENT, export_dir
 from stars_deploy.students import LIFConfig, fold_student, load_student, student_family

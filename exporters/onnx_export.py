@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stars_deploy.distill.config import read_run_config
+from stars_deploy.distillation.config import read_run_config
 from stars_deploy.errors import StarsDeployError
 from stars_deploy.fileio import write_bytes
 from stars_deploy.layout import STUDENT, export_dir

@@ -23,7 +23,7 @@ one command for CI jobs, with check's exit codes (0 pass, 1 a gate failed, 2 bad
     enabled = true             # write RUN_DIR/report.html at the end (default true)
 
 Like the CLI, this module only orchestrates: exporters and targets are imported when used.
-The [distill] table is validated against the library's option schema (distill/options.py).
+The [distill] table is validated against the library's option schema (distillation/options.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import tomllib
 from pathlib import Path
 
 from .devices import resolve_device
-from .distill.options import RUN_OPTIONS, check_run_options, config_from_options, options_from_table
+from .distillation.options import RUN_OPTIONS, check_run_options, config_from_options, options_from_table
 from .errors import ConfigError
 from .progress import log
 
@@ -89,8 +89,8 @@ def _check_targets(table: dict, exports: list[str], path: Path) -> list[str]:
 def run_pipeline(path: Path, device: str = "auto") -> dict:
     """Run every stage the file asks for; returns each stage's result and whether all gates passed.
     The whole file is validated before the (long) distillation starts."""
-    from .distill import distill
-    from .distill.distributed import launch_world_size
+    from .distillation import distill
+    from .distillation.distributed import launch_world_size
 
     if launch_world_size() > 1:
         raise ConfigError("pipeline runs in one process: distil under torchrun with `stars-deploy distill`, "

@@ -4,7 +4,7 @@ The manifest's schema (format ``stars-deploy/run-v1``), checked by :func:`read_m
 whenever a run directory is read (resume, export, simulate, check, report):
 
     format        "stars-deploy/run-v1"                        required
-    config        the DistillConfig as a table (distill/config.py checks its fields)  required
+    config        the DistillConfig as a table (distillation/config.py checks its fields)  required
     status        "running" | "interrupted" | "complete"       written by distill
     processes     int >= 1 (torchrun processes)                written by distill
     created, finished, teacher_weights, teacher_sha256, device: strings; dt_s: a positive number

@@ -70,7 +70,7 @@ def randomize_bn():
 def digits_run_dir(random_student):
     """factory(folder, family="convnet") -> a finished-looking run directory for the digits
     teacher: a manifest and a random-weight student with random BatchNorm statistics."""
-    from stars_deploy.distill import DistillConfig
+    from stars_deploy.distillation import DistillConfig
     from stars_deploy.fileio import write_json
     from stars_deploy.layout import MANIFEST, STUDENT
     from stars_deploy.runs import RUN_FORMAT

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from stars_deploy import vocabulary
-from stars_deploy.distill import DistillConfig, make_config
-from stars_deploy.distill.augment import train_augment
+from stars_deploy.distillation import DistillConfig, make_config
+from stars_deploy.distillation.augment import train_augment
 from stars_deploy.errors import ConfigError
 from stars_deploy.teachers import TeacherSpec
 
@@ -130,7 +130,7 @@ def test_train_augment_crops_within_the_padding_and_keeps_shapes():
 
 def test_a_run_from_an_empty_teacher_cache_draws_what_a_cached_run_draws(tmp_path, digits_teacher, monkeypatch):
     """Training the digits teacher seeds torch itself: the run's own seed must come after it."""
-    from stars_deploy.distill import distill
+    from stars_deploy.distillation import distill
     from stars_deploy.teachers.training import CACHE_ENV
 
     config = make_config(rounds=2, kd_steps=2, synthesis={"batch_size": 16, "steps": 2}, eval_data=None)
@@ -145,7 +145,7 @@ def test_a_run_from_an_empty_teacher_cache_draws_what_a_cached_run_draws(tmp_pat
 
 
 def test_the_twin_strategy_synthesises_first_then_trains_the_twin(tmp_path, digits_teacher):
-    from stars_deploy.distill import distill
+    from stars_deploy.distillation import distill
 
     config = make_config(rounds=8, kd_steps=3, strategy="twin", synthesis_fraction=0.5, compile_student=False,
                          synthesis={"batch_size": 16, "steps": 3}, eval_data="digits", eval_every=4,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stars_deploy.distill.distributed import state_digest
+from stars_deploy.distillation.distributed import state_digest
 
 SMALL = ["--batch-size", "32", "--kd-batch-size", "32", "--synthesis-steps", "5", "--kd-steps", "2"]
 KILL_DEADLINE_S = 120  # the whole job must be gone this long after one rank is killed
@@ -158,7 +158,7 @@ def test_a_killed_rank_ends_the_job_and_the_group_resumes_exactly(tmp_path, digi
 
 
 def test_devices_and_timeout_under_torchrun(monkeypatch):
-    from stars_deploy.distill.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, _timeout_s, device_name
+    from stars_deploy.distillation.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, _timeout_s, device_name
     from stars_deploy.errors import ConfigError
 
     assert device_name("cuda:1") == "cuda:1"  # no torchrun: the option as given
@@ -181,7 +181,7 @@ def test_a_stop_that_interrupts_a_write_still_ends_in_the_one_line_error(capsys,
     """torchrun's SIGTERM can raise PeerError inside torch.save, whose clean-up then raises its
     own RuntimeError: the CLI reports the PeerError, not the interrupted write."""
     from stars_deploy import cli
-    from stars_deploy.distill.distributed import PeerError
+    from stars_deploy.distillation.distributed import PeerError
 
     def interrupted_write(*args, **kwargs):
         try:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from stars_deploy.data import load_eval_data
-from stars_deploy.distill.pool import POOL_CHUNK_FORMAT, SyntheticPool, images_sha256
+from stars_deploy.distillation.pool import POOL_CHUNK_FORMAT, SyntheticPool, images_sha256
 from stars_deploy.errors import CheckpointError, DataError
 from stars_deploy.exporters.nir_export import student_to_nir
 from stars_deploy.exporters.nir_format import NIRFormatError, decode_metadata, read_nir, write_nir

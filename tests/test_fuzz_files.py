@@ -38,7 +38,7 @@ import pytest
 import torch
 
 from stars_deploy.data import load_eval_data
-from stars_deploy.distill.pool import POOL_CHUNK_FORMAT, SyntheticPool, images_sha256
+from stars_deploy.distillation.pool import POOL_CHUNK_FORMAT, SyntheticPool, images_sha256
 from stars_deploy.errors import CheckpointError, ConfigError, DataError, StarsDeployError
 from stars_deploy.exporters.nir_export import student_to_nir
 from stars_deploy.exporters.nir_format import NIRFormatError, decode_metadata, read_nir, write_nir
@@ -484,7 +484,7 @@ class Accepted(Exception):
 
 
 def test_fuzz_pipeline_toml(tmp_path, monkeypatch):
-    import stars_deploy.distill as distill_package
+    import stars_deploy.distillation as distill_package
     from stars_deploy.pipeline import run_pipeline
 
     def stop_before_distilling(config, runs_dir, run_name):

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from stars_deploy.cli import main
-from stars_deploy.distill import distill, make_config, read_run_config
-from stars_deploy.distill.options import DISTILL_OPTIONS
+from stars_deploy.distillation import distill, make_config, read_run_config
+from stars_deploy.distillation.options import DISTILL_OPTIONS
 from stars_deploy.errors import StarsDeployError
 from stars_deploy.layout import CHECKPOINT, DISTILL, MANIFEST, STUDENT
 
@@ -134,7 +134,7 @@ def _invalid_for(option, value) -> bool:
 
 
 def test_fuzz_pipeline_distill_tables(capsys, tmp_path, monkeypatch, digits_teacher):
-    import stars_deploy.distill as distill_package
+    import stars_deploy.distillation as distill_package
 
     def never(*args, **kwargs):
         raise AssertionError("an invalid [distill] table reached the distillation")
@@ -161,7 +161,7 @@ def test_fuzz_pipeline_distill_tables(capsys, tmp_path, monkeypatch, digits_teac
 def test_fuzz_truncated_and_flipped_pipeline_files(capsys, tmp_path, monkeypatch, digits_teacher):
     """Truncations and byte flips of a valid file: refused in one line, or (when still valid)
     handed to the distillation as a configuration, never anything else."""
-    import stars_deploy.distill as distill_package
+    import stars_deploy.distillation as distill_package
 
     class Reached(BaseException):  # not an Exception: the CLI would report it as an internal error
         pass

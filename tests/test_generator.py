@@ -4,10 +4,10 @@ generator towards the fast weights, and refusals that name what to change."""
 import pytest
 import torch
 
-from stars_deploy.distill import make_config
+from stars_deploy.distillation import make_config
 from stars_deploy.errors import ConfigError
-from stars_deploy.distill.generator import GENERATOR_STEPS, GENERATOR_Z_LR, Generator, GeneratorSynthesizer
-from stars_deploy.distill.synthesis import SynthesisConfig
+from stars_deploy.distillation.generator import GENERATOR_STEPS, GENERATOR_Z_LR, Generator, GeneratorSynthesizer
+from stars_deploy.distillation.synthesis import SynthesisConfig
 from stars_deploy.teachers import ARCHITECTURES, Normalizer
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from stars_deploy.distill.objectives import (TeacherProbe, adversarial_loss, bn_statistics_loss, cosine_gram,
+from stars_deploy.distillation.objectives import (TeacherProbe, adversarial_loss, bn_statistics_loss, cosine_gram,
                                      gaussian_tail, hard_exceedance, kd_loss, rca_loss, soft_exceedance,
                                      tar_layer_loss, total_variation)
 
@@ -140,7 +140,7 @@ def test_grouped_bn_loss_is_the_mean_of_each_group_matched_on_its_own():
 
 def test_bn_groups_must_divide_the_batch():
     from stars_deploy.errors import ConfigError
-    from stars_deploy.distill.synthesis import SynthesisConfig
+    from stars_deploy.distillation.synthesis import SynthesisConfig
 
     with pytest.raises(ConfigError, match="--bn-groups 3 must be at least 1 and divide --batch-size 128"):
         SynthesisConfig(batch_size=128, bn_groups=3)

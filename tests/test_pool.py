@@ -1,6 +1,6 @@
 import torch
 
-from stars_deploy.distill.pool import SyntheticPool
+from stars_deploy.distillation.pool import SyntheticPool
 
 BATCH_MB = 16 * 1 * 8 * 8 * 4 / 2**20
 

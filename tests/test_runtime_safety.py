@@ -22,7 +22,7 @@ import torch
 
 from stars_deploy.cli import main
 from stars_deploy.cli.common import to_json
-from stars_deploy.distill import distill, make_config
+from stars_deploy.distillation import distill, make_config
 from stars_deploy.errors import CheckpointError, ConfigError, DataError
 from stars_deploy.evaluation import accuracy
 from stars_deploy.fileio import DiskFullError, save_torch, write_bytes, write_json
@@ -226,7 +226,7 @@ def test_a_non_finite_loss_stops_training_naming_the_term_and_leaves_nothing_bro
 def test_a_non_finite_loss_after_a_checkpoint_keeps_it(tmp_path, capsys, digits_teacher, monkeypatch):
     """Divergence in round 3 of a run that checkpointed round 2: that checkpoint is intact and
     nothing of round 3 reached the pool or the checkpoint."""
-    import stars_deploy.distill.loop as loop
+    import stars_deploy.distillation.loop as loop
 
     real_kd_loss, calls = loop.kd_loss, []
 
@@ -540,7 +540,7 @@ def test_sigterm_saves_and_exits_143_and_a_second_signal_stops_at_once(tmp_path,
 def test_a_stop_while_setting_up_leaves_no_run_directory(tmp_path, monkeypatch, digits_teacher):
     """A real SIGINT that lands after the run directory was made, before the first round: the
     failed start removes it."""
-    from stars_deploy.distill.loop import Distillation
+    from stars_deploy.distillation.loop import Distillation
     from stars_deploy.interrupt import Interrupted
 
     build = Distillation._build_models

@@ -7,7 +7,7 @@ import torch._dynamo.utils
 from conftest import randomize_batchnorm
 from stars_deploy.errors import ConfigError
 from stars_deploy.students import StudentConfig, build_student
-from stars_deploy.distill.synthesis import PixelSynthesizer, SynthesisConfig
+from stars_deploy.distillation.synthesis import PixelSynthesizer, SynthesisConfig
 from stars_deploy.teachers import ARCHITECTURES, Normalizer
 
 STEPS = 4

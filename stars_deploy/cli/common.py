@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import click
 
 from stars_deploy.devices import DEFAULT_DEVICE
-from stars_deploy.distill.options import Option
+from stars_deploy.distillation.options import Option
 from stars_deploy.progress import set_quiet
 from stars_deploy.units import text_table
 
@@ -56,7 +56,7 @@ def table(header: tuple, rows: list[tuple]) -> None:
 def run_dir_or_latest(run_dir: Path | None, runs_dir: Path) -> Path:
     """RUN_DIR when given, else the newest finished run under ``runs_dir`` (said on stderr).
     A run directory is checked before any command reads it: its manifest against the schema
-    (runs.py, distill/config.py), and temporary files a killed writer left are removed."""
+    (runs.py, distillation/config.py), and temporary files a killed writer left are removed."""
     from stars_deploy.progress import log
     from stars_deploy.runs import latest_run
 
@@ -69,7 +69,7 @@ def run_dir_or_latest(run_dir: Path | None, runs_dir: Path) -> Path:
 def open_run_dir(path: Path) -> Path:
     """``path`` unchanged; when it is a run directory (it has a manifest), the manifest is
     checked and orphaned temporary files are removed first."""
-    from stars_deploy.distill.config import read_run_config
+    from stars_deploy.distillation.config import read_run_config
     from stars_deploy.layout import MANIFEST
     from stars_deploy.progress import log
     from stars_deploy.runs import open_run
@@ -185,7 +185,7 @@ def click_type(spec: Option):
 
 
 def schema_options(specs: Sequence[Option]):
-    """A decorator adding one click option per schema entry (distill/options.py)."""
+    """A decorator adding one click option per schema entry (distillation/options.py)."""
     def decorate(function):
         for spec in reversed(specs):
             flags = [f"--{spec.flag}"] + ([spec.short] if spec.short else [])

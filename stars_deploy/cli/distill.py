@@ -1,4 +1,4 @@
-"""``stars-deploy distill``: options from the library's schema (distill/options.py)."""
+"""``stars-deploy distill``: options from the library's schema (distillation/options.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from stars_deploy.distill.options import DISTILL_OPTIONS
+from stars_deploy.distillation.options import DISTILL_OPTIONS
 from stars_deploy.units import percent
 
 from .common import TopicCommand, emit, option, output_options, quiet_if, schema_options
@@ -22,9 +22,9 @@ def distill(runs_dir, run_name, resume, as_json, quiet, **options):
     (digits teacher -> spiking convnet -> evaluation on held-out digits). Under
     `torchrun --nproc-per-node N -m stars_deploy distill ...` the N processes distil together
     and rank 0 alone writes the run and prints the result."""
-    from stars_deploy.distill import distill as run_distill
-    from stars_deploy.distill.distributed import launch_rank
-    from stars_deploy.distill.options import check_run_options, config_from_options
+    from stars_deploy.distillation import distill as run_distill
+    from stars_deploy.distillation.distributed import launch_rank
+    from stars_deploy.distillation.options import check_run_options, config_from_options
 
     quiet_if(quiet)
     config = None if resume is not None else config_from_options(options)
