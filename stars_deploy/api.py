@@ -29,7 +29,7 @@ from .layout import STUDENT
 
 def _distill_options(options: dict[str, Any]) -> dict[str, Any]:
     """``options`` checked against the distill option schema (names and types)."""
-    from .distill.options import DISTILL_OPTIONS, check_value, defaults
+    from .distillation.options import DISTILL_OPTIONS, check_value, defaults
 
     by_name = {option.name: option for option in DISTILL_OPTIONS}
     aliases = {"data": "eval_data", "student": "family", "name": "run_name", "synthesizer": "method"}
@@ -59,8 +59,8 @@ def distill(teacher: str | nn.Module = "digits_cnn", *, weights: str | Path | No
     ``resume``: continue that run directory (the other arguments are ignored)."""
     from dataclasses import replace
 
-    from .distill import distill as run_distill
-    from .distill.options import config_from_options, teacher_spec
+    from .distillation import distill as run_distill
+    from .distillation.options import config_from_options, teacher_spec
     from .teachers import TeacherSpec
     from .teachers.sources import MODULE, hold_module
 
@@ -94,12 +94,15 @@ def export(run_dir: str | Path, target: str = "nir", *, teacher: bool = False, d
 
 def simulate(path: str | Path, target: str = "nir", *, data: str | None = None, samples: int | None = None,
              compare: str | None = None, dt_s: float | None = None, timesteps: int | None = None,
-             device: str = "auto", loihi2_pj_per_op: float | None = None) -> dict:
-    """Run an exported file (or a run directory's) on ``target`` and return its summary."""
+             device: str = "auto", loihi2_pj_per_op: float | None = None, inputs: str | Path | None = None) -> dict:
+    """Run an exported file (or a run directory's) on ``target`` and return its summary; the
+    result is also stored in the run (RUN_DIR/simulate-<target>-<request>.json, ``result_file``).
+    ``inputs``: an .npz of the inputs themselves (targets/stimulus.py) instead of ``data``."""
     from .targets.simulate import simulate as run_simulation
 
     return run_simulation(Path(path), target, data, samples, compare, dt_s=dt_s, timesteps=timesteps,
-                          device=device, loihi2_pj_per_op=loihi2_pj_per_op)
+                          device=device, loihi2_pj_per_op=loihi2_pj_per_op,
+                          inputs=Path(inputs) if inputs is not None else None)
 
 
 def check(run_dir: str | Path, target: str | None = None, *, data: str | None = None, samples: int | None = None,
@@ -140,8 +143,8 @@ def load_teacher(teacher: str | Path | nn.Module = "digits_cnn", *, weights: str
     """A teacher as distillation sees it (frozen, eval mode, with ``penultimate`` and ``head``):
     a run directory's teacher, a named architecture with ``weights``, a
     ``package.module:function``, a ``.pt2`` file, or an ``nn.Module``."""
-    from .distill import read_run_config
-    from .distill.options import teacher_spec
+    from .distillation import read_run_config
+    from .distillation.options import teacher_spec
     from .teachers import TeacherSpec
     from .teachers import load_teacher as load
     from .teachers.sources import MODULE, hold_module
@@ -158,3 +161,12 @@ def load_teacher(teacher: str | Path | nn.Module = "digits_cnn", *, weights: str
         shape = ",".join(str(s) for s in input_shape) if input_shape else None
         spec = teacher_spec(str(teacher), Path(weights) if weights else None, normalization, num_classes, shape)
     return load(spec, teacher_weights(spec))
+
+
+def doctor() -> dict:
+    """Versions, and whether each part works here (stars_deploy/diagnosis.py): ``healthy`` is
+    True when every required part works; ``checks`` lists them all."""
+    from .diagnosis import diagnose
+
+    checks = diagnose()
+    return {"healthy": all(c.ok for c in checks if c.required), "checks": [c.to_dict() for c in checks]}

@@ -7,11 +7,14 @@
       checkpoint.pt      latest resumable state (student, optimiser, RNG, pool list, history)
       pool/              synthetic pool chunks
       export/            the exported files (exporters/registry.py names them) + export.json
-      simulate-<target>.json, check-<target>.json (the last gates), report.html, report.md, plots/
+      simulate-<target>-<request>.json   one per simulation request (data, samples, reference...)
+      check-<target>.json (the last gates), report.html, report.md, plots/
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -29,9 +32,25 @@ CHECK_PREFIX = "check-"
 SNAPSHOT_DIR = "snapshots"
 
 
-def simulation_file(run_dir: Path, target: str) -> Path:
-    """Where ``simulate --target TARGET`` stores its summary inside a run."""
-    return Path(run_dir) / f"{SIMULATION_PREFIX}{target}.json"
+REQUEST_KEY_CHARS = 10  # hex digits of the request's SHA-256 in a result's file name
+
+
+def request_key(request: dict) -> str:
+    """A short, stable name for a simulation request (its canonical JSON, hashed)."""
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:REQUEST_KEY_CHARS]
+
+
+def simulation_file(run_dir: Path, target: str, request: dict) -> Path:
+    """Where ``simulate --target TARGET`` stores the summary of one request inside a run: one
+    file per request, so a 5-sample run never replaces a 450-sample one."""
+    return Path(run_dir) / f"{SIMULATION_PREFIX}{target}-{request_key(request)}.json"
+
+
+def simulation_files(run_dir: Path, target: str) -> list[Path]:
+    """Every stored result of ``target`` in a run (callers check each file's own target field:
+    a target whose name extends another's matches the same pattern)."""
+    return sorted(Path(run_dir).glob(f"{SIMULATION_PREFIX}{target}-*.json"))
 
 
 def export_dir(run_dir: Path) -> Path:

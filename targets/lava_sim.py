@@ -33,6 +33,7 @@ import torch
 
 from stars_deploy.errors import StarsDeployError
 from stars_deploy.exporters.netx_format import read_network
+from stars_deploy.progress import progress_bar
 
 from .energy import loihi_energy
 from .loihi import (CONVENTIONS, LATENCY_NOTE, LoihiEmulator, fan_out_synops, inputs_required, on_chip_neurons,
@@ -43,6 +44,7 @@ from .target import Target
 NAME = "lava"
 OBJECT_DETECTION = "lava.lib.dl.slayer.object_detection"
 SELECT_TAG = "fixed_pt"
+PROGRESS_UPDATES = 10  # blocking runs a simulation is cut into, so that its progress bar moves
 
 
 class LavaError(StarsDeployError):
@@ -129,7 +131,7 @@ class LavaRunner:
                 raise LavaError(f"{self.path}: netx built {len(net.layers)} layers, the file describes "
                                 f"{len(self.network.layers)}")
             files, u_path = self._connect(lava, net, sequence, period, folder)
-            self._execute(lava, net, samples * period)
+            self._execute(lava, net, samples, period)
             run_s = time.perf_counter() - start
             recorded = {index: np.load(path) for index, path in files.items()}
             currents = np.load(u_path) if u_path is not None else None
@@ -168,17 +170,26 @@ class LavaRunner:
             recorders.VarFile(var=u, path=u_path)
         return files, u_path
 
-    def _execute(self, lava: dict, net, total_steps: int) -> None:
+    def _execute(self, lava: dict, net, samples: int, period: int) -> None:
+        """Run the network for every sample's ``period`` steps, in up to PROGRESS_UPDATES
+        blocking runs of whole samples (Lava continues where the last run stopped), so that the
+        progress bar moves."""
+        per_run = max(1, -(-samples // PROGRESS_UPDATES))
+        bar = progress_bar(samples, "lava", "sample")
         try:
             with warnings.catch_warnings():
                 # Lava's model search execs every module beside the recorders and warns for each
                 warnings.filterwarnings("ignore", message="Cannot import module")
-                net.run(condition=lava["RunSteps"](num_steps=total_steps),
-                        run_cfg=lava["Loihi2SimCfg"](select_tag=SELECT_TAG))
+                for start in range(0, samples, per_run):
+                    chunk = min(per_run, samples - start)
+                    net.run(condition=lava["RunSteps"](num_steps=chunk * period),
+                            run_cfg=lava["Loihi2SimCfg"](select_tag=SELECT_TAG))
+                    bar.update(chunk)
         except Exception as exc:
             raise LavaError(f"Lava failed running {self.path}: {type(exc).__name__}: {exc} "
                             f"{_worker_errors(net)}".strip()) from None
         finally:
+            bar.close()
             net.stop()
 
     def _record(self, recorded: dict, currents, samples: int, steps: int, period: int) -> TargetResult:

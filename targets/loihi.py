@@ -223,7 +223,7 @@ def inputs_required(network: NetxNetwork, source: str) -> str | None:
         return None
     what = "spikes (0/1) into its first synapse" if network.input_synapse else "its input layer's a_in (integers)"
     return (f"{source} is a netx file from another tool (no 'stars' group, no input stage): give its inputs with "
-            f"--inputs FILE.npz, {what} of shape {list(network.input_shape)} per step (README, Loihi)")
+            f"--inputs FILE.npz, {what} of shape {list(network.input_shape)} per step (docs/deploy.md, foreign files)")
 
 
 class LoihiEmulator:

@@ -18,11 +18,11 @@ import torch
 
 from stars_deploy.data import load_eval_data
 from stars_deploy.devices import resolve_device
-from stars_deploy.distill.config import read_run_config
+from stars_deploy.distillation.config import read_run_config
 from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import read_json, write_json
-from stars_deploy.layout import MANIFEST, STUDENT, simulation_file
-from stars_deploy.progress import log
+from stars_deploy.layout import MANIFEST, STUDENT, simulation_file, simulation_files
+from stars_deploy.progress import log, progress_bar
 from stars_deploy.runs import sha256_file
 from stars_deploy.teachers import Normalizer
 
@@ -34,6 +34,7 @@ from .target import RunnerOptions, Target
 
 BATCH = 256
 DEFAULT_DATA = "digits"
+DIGITS_SHAPE = (1, 8, 8)  # what the default data (scikit-learn's digits) feeds a student
 
 
 def simulation_request(data: str, samples: int | None, compare: str, dt_s: float | None = None,
@@ -73,11 +74,18 @@ def model_inputs(metadata: dict, images: torch.Tensor) -> torch.Tensor:
 
 
 def run_eval_data(run_dir: Path | None) -> str:
-    """The data a run was evaluated on during distillation (its manifest), else the digits."""
+    """The data a run was evaluated on during distillation (its manifest), else the digits;
+    a run of another input shape distilled without evaluation data is refused (the digits
+    would not fit its student)."""
     if run_dir is not None and (Path(run_dir) / MANIFEST).is_file():
-        eval_data = read_run_config(run_dir).eval_data
-        if eval_data:
-            return eval_data
+        config = read_run_config(run_dir)
+        if config.eval_data:
+            return config.eval_data
+        shape = tuple(config.teacher.input_shape)
+        if shape != DIGITS_SHAPE:
+            raise ConfigError(f"{run_dir} was distilled without evaluation data and its student takes "
+                              f"{'x'.join(map(str, shape))} inputs, not the digits: give --data (an .npz or "
+                              "CIFAR folder of such images)")
     return DEFAULT_DATA
 
 
@@ -103,12 +111,17 @@ def _run_batches(run, reference, images: torch.Tensor, batch_size: int) -> Tally
     """The tally of every batch, each compared with ``reference`` on the same images as it
     goes (only per-layer sums are kept, so memory does not grow with the spikes)."""
     total = None
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        result = run(batch).cpu()
-        other = result if reference == "self" else reference(batch).cpu() if reference is not None else None
-        tally = Tally.of(result, other)
-        total = tally if total is None else total + tally
+    bar = progress_bar(len(images), "simulate", "sample")
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            result = run(batch).cpu()
+            other = result if reference == "self" else reference(batch).cpu() if reference is not None else None
+            tally = Tally.of(result, other)
+            total = tally if total is None else total + tally
+            bar.update(len(batch))
+    finally:
+        bar.close()
     return total
 
 
@@ -133,7 +146,8 @@ def simulate(path: Path, target: str = "nir", data: str | None = None, samples: 
     """Run ``target`` on ``data`` (default: the run's own evaluation data, else digits) or on
     the explicit ``inputs`` (an .npz, targets/stimulus.py); the metrics in the common summary
     (targets.record). ``compare=None`` compares with the run's student when the file sits in a
-    run directory, with nothing otherwise. Writes RUN_DIR/simulate-<target>.json inside a run."""
+    run directory, with nothing otherwise. Writes RUN_DIR/simulate-<target>-<request>.json inside
+    a run (layout.simulation_file: one file per request)."""
     spec = get_target(target)
     file, run_dir = resolve_file(path, spec)
     compare = compare or (REFERENCE_STUDENT if run_dir is not None and inputs is None else REFERENCE_NONE)
@@ -160,10 +174,12 @@ def simulate(path: Path, target: str = "nir", data: str | None = None, samples: 
     whole = any(t.whole_batch for t in (spec, *compared))  # Lava builds one network per call: all samples at once
     result = _run_batches(run, reference, images, len(images) if whole else BATCH)
     summary = summarize(result, labels, energy=spec.energy, loihi2_pj_per_op=loihi2_pj_per_op)
+    request = simulation_request(data if inputs is None else f"inputs:{inputs}", samples, compare, dt_s,
+                                 timesteps, loihi2_pj_per_op)
     summary.update(file=str(file), file_sha256=sha256_file(file), data=data_name, compare=compare,
-                   dt_s=dt_s if dt_s is not None else runner.metadata.get("dt_s"),
-                   request=simulation_request(data if inputs is None else f"inputs:{inputs}", samples, compare,
-                                              dt_s, timesteps, loihi2_pj_per_op),
+                   dt_s=dt_s if dt_s is not None else runner.metadata.get("dt_s"), request=request,
+                   run_dir=str(run_dir) if run_dir is not None else None,
+                   result_file=str(simulation_file(run_dir, spec.name, request)) if run_dir is not None else None,
                    conventions=spec.conventions,
                    latency_note=spec.latency_note, warnings=run_warnings(runner, result))
     for key in ("reference", "reference_accuracy", "agreement", "spike_mismatches"):
@@ -171,23 +187,56 @@ def simulate(path: Path, target: str = "nir", data: str | None = None, samples: 
     for line in summary["warnings"]:
         print(f"stars-deploy: warning: {line}", file=sys.stderr, flush=True)  # also under --quiet
     if run_dir is not None:
-        write_json(simulation_file(run_dir, spec.name), summary)
+        write_json(Path(summary["result_file"]), summary)
     accuracy = "n/a" if summary["accuracy"] is None else f"{summary['accuracy']:.1%}"
-    log(f"{spec.name}: {accuracy} on {data_name}")
+    log(f"{spec.name}: {accuracy} on {data_name} ({summary['samples']} samples) from {file}"
+        + (f"; wrote {summary['result_file']}" if run_dir is not None else ""))
     return summary
+
+
+def stored_results(run_dir: Path, target: str, file: Path | None = None) -> list[dict]:
+    """The stored summaries of ``target`` in a run, each with its ``result_file``; with
+    ``file``, only those made from that very file (a re-export makes older results stale)."""
+    digest = sha256_file(file) if file is not None else None
+    found = []
+    for path in simulation_files(run_dir, target):
+        summary = read_json(path, "simulation result")
+        if summary.get("target") == target and (digest is None or summary.get("file_sha256") == digest):
+            found.append({**summary, "result_file": str(path)})
+    return found
+
+
+def _pick(stored: list[dict], wanted: dict) -> dict | None:
+    """The stored summary made for exactly ``wanted``; else, compared with the same reference on
+    the same data, the one with the most samples; else None."""
+    for summary in stored:
+        if summary.get("request") == wanted:
+            return summary
+    alike = [s for s in stored if all(s.get("request", {}).get(k) == wanted[k] for k in ("data", "compare"))]
+    return max(alike, key=lambda s: s.get("samples") or 0) if alike else None
 
 
 def collect_results(run_dir: Path, data: str | None = None, samples: int | None = None,
                     device: str = "auto") -> dict[str, dict]:
-    """Every target's summary for a run: its stored simulate-<target>.json, else a fresh
-    simulation of each exported target whose record says ``report_simulates``."""
+    """Every exported target's summary for a run, compared with the float student on ``data``
+    (default: the run's own evaluation data): the stored result of exactly that request, else
+    the stored one on that data with the most samples, else (for a target whose record says
+    ``report_simulates``) a fresh simulation. Results of an earlier export are never used;
+    each choice is logged with its file."""
+    wanted = simulation_request(data or run_eval_data(run_dir), samples, REFERENCE_STUDENT)
     summaries = {}
     for name, spec in targets().items():
-        stored = simulation_file(run_dir, name)
-        if stored.is_file():
-            summaries[name] = read_json(stored, "simulation result")
-        elif spec.report_simulates and exported_file(spec, run_dir).is_file():
-            summaries[name] = simulate(run_dir, name, data, samples, compare=REFERENCE_STUDENT, device=device)
+        file = exported_file(spec, run_dir)
+        if not file.is_file():
+            continue
+        chosen = _pick(stored_results(run_dir, name, file), wanted)
+        if chosen is not None:
+            log(f"{name}: using {chosen['result_file']} ({chosen.get('samples')} samples of {chosen.get('data')}, "
+                f"compared with {chosen.get('compare')})")
+            summaries[name] = chosen
+        elif spec.report_simulates:
+            summaries[name] = simulate(run_dir, name, wanted["data"], samples, compare=REFERENCE_STUDENT,
+                                       device=device)
     return summaries
 
 

@@ -9,7 +9,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from stars_deploy.distill import DistillConfig
+from stars_deploy.distillation import DistillConfig
 from stars_deploy.errors import ConfigError
 from stars_deploy.exporters.registry import export_run
 from stars_deploy.fileio import write_json
@@ -118,11 +118,20 @@ def test_bad_config_files_name_the_key_or_file(tmp_path, text, match):
         load_check_config(directory=tmp_path, target="lava")
 
 
-def test_missing_config_file_and_no_gates_are_refused(run_dir, tmp_path):
+def test_missing_config_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"check config .*nope.toml does not exist"):
         load_check_config(tmp_path / "nope.toml")
-    with pytest.raises(ConfigError, match="no gates to check: give at least one"):
-        check(run_dir, "loihi", {}, samples=SAMPLES, config_directory=tmp_path)
+
+
+def test_check_without_gates_prints_the_measurements_and_passes(run_dir, measured, tmp_path):
+    done = run_cli("--target", "loihi", "--samples", str(SAMPLES), str(run_dir), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "no gates given, measured only" in done.stdout and "no gates given: measuring only" in done.stderr
+    accuracy = next(line for line in done.stdout.splitlines() if line.startswith("accuracy "))
+    assert f"{100 * measured['accuracy']:.2f} %" in accuracy
+    result = check(run_dir, "loihi", {}, samples=SAMPLES, config_directory=tmp_path)
+    assert result["gates"] == [] and result["passed"] and result["reused"]
+    assert result["measured"]["accuracy"] == measured["accuracy"]
 
 
 def run_cli(*args, cwd):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import nir
 import numpy as np
 import pytest
 
 from stars_deploy.cli import main
-from stars_deploy.distill import DistillConfig
+from stars_deploy.distillation import DistillConfig
 from stars_deploy.fileio import write_json
 from stars_deploy.layout import MANIFEST, STUDENT
 from stars_deploy.runs import RUN_FORMAT, sha256_file
@@ -68,7 +69,47 @@ def test_simulate_json_reports_exact_agreement_with_the_student(capsys, run_dir)
     assert summary["latency_steps"] == 4 and summary["pipeline_delay_steps"] == 0
     assert set(summary["spikes_per_layer"]) == {"stem", "blocks.0.first", "blocks.0.out", "blocks.1.first",
                                                 "blocks.1.out", "blocks.2.first", "blocks.2.out"}
-    assert json.loads((run_dir / "simulate-nir.json").read_text())["spike_mismatches"] == 0
+    stored = Path(summary["result_file"])
+    assert stored.parent == run_dir and stored.name.startswith("simulate-nir-")
+    assert json.loads(stored.read_text())["spike_mismatches"] == 0
+
+
+def test_results_are_stored_per_request_and_report_takes_the_fullest(capsys, run_dir):
+    # a quick 5-sample look must not replace the 40-sample result the report and check rely on
+    assert run_main(capsys, "export", run_dir, "--quiet")[0] == 0
+    files = {}
+    for samples in (40, 5):
+        code, out, err = run_main(capsys, "simulate", "--target", "nir", run_dir, "--samples", samples, "--json")
+        assert code == 0
+        files[samples] = json.loads(out)["result_file"]
+        assert f"({samples} samples) from {run_dir / 'export' / 'student.nir'}" in err
+        assert f"wrote {files[samples]}" in err
+    assert files[40] != files[5] and all(Path(f).is_file() for f in files.values())
+    code, out, err = run_main(capsys, "report", run_dir, "--format", "md")
+    assert code == 0 and f"nir: using {files[40]} (40 samples of digits-test[:40], compared with student)" in err
+    assert re.search(r"\| nir \| 40 \|", out)
+    code, out, err = run_main(capsys, "check", "--target", "nir", run_dir, "--samples", 5, "--min-accuracy", 0,
+                              "--json")
+    assert code == 0 and json.loads(out)["result_file"] == files[5] and json.loads(out)["reused"]
+
+
+def test_a_cifar_shaped_run_without_evaluation_data_asks_for_data(capsys, tmp_path):
+    # issue 16: this fell back to the digits and crashed with a reshape traceback
+    from stars_deploy.students import StudentConfig, build_student
+    from stars_deploy.teachers import TeacherSpec
+
+    run_dir = tmp_path / "runs" / "cifar"
+    student = build_student(StudentConfig(family="convnet", width=8, depth=3, timesteps=2, input_shape=(3, 32, 32)))
+    config = DistillConfig(teacher=TeacherSpec(arch="cifar_resnet20"), student=student.config, rounds=1,
+                           eval_data=None)
+    write_json(run_dir / MANIFEST, {"format": RUN_FORMAT, "config": config.to_dict()})
+    save_student(run_dir / STUDENT, student.eval())
+    assert run_main(capsys, "export", "--target", "loihi", run_dir, "--quiet")[0] == 0
+    for command in (["simulate", "--target", "loihi"], ["check", "--target", "loihi"], ["report"]):
+        code, _, err = run_main(capsys, *command, run_dir)
+        assert code == 2 and "Traceback" not in err, err
+        assert f"{run_dir} was distilled without evaluation data and its student takes 3x32x32 inputs" in err
+        assert "give --data" in err
 
 
 def foreign_graph(tmp_path):
@@ -141,7 +182,7 @@ def test_simulate_loihi_and_lava_share_the_json_keys_and_agree_exactly(capsys, c
     assert REQUIRED_KEYS <= set(loihi) and loihi["compare"] == "student" and loihi["target"] == "loihi"
     assert loihi["latency_steps"] == 4 + 3 and loihi["pipeline_delay_steps"] == 3
     assert loihi["agreement"] >= 0.9 and loihi["energy_per_sample"]["loihi1_j"] > 0
-    assert json.loads((convnet_run_dir / "simulate-loihi.json").read_text())["samples"] == 40
+    assert json.loads(Path(loihi["result_file"]).read_text())["samples"] == 40
     code, out, _ = run_main(capsys, "simulate", "--target", "lava", convnet_run_dir, "--samples", 3,
                             "--compare", "loihi", "--loihi2-pj-per-op", 10, "--json", "--quiet")
     assert code == 0

@@ -31,10 +31,15 @@ def print_gates(result: dict) -> None:
         gate = GATES.get(row["gate"].replace("-", "_"))
         rows.append((row["gate"], _format(row["measured"], gate), f"{row['comparison']} {_format(row['limit'], gate)}",
                      "pass" if row["passed"] else f"FAIL{' (' + row['note'] + ')' if row['note'] else ''}"))
-    table(("gate", "measured", "limit", "result"), rows)
+    if rows:
+        table(("gate", "measured", "limit", "result"), rows)
+    else:  # no gates: what each gate would measure, to choose limits from
+        by_metric = {gate.metric: gate for gate in GATES.values()}
+        table(("measured", "value"), [(name.replace("_", "-"), _format(value, by_metric.get(name)))
+                                      for name, value in result["measured"].items()])
     source = "reused " + Path(result["result_file"]).name if result["reused"] else "simulated"
-    click.echo(f"{result['target']} on {result['data']} ({result['samples']} samples, {source}): "
-               f"{'all gates passed' if result['passed'] else 'GATE FAILED'}")
+    verdict = ("all gates passed" if result["passed"] else "GATE FAILED") if rows else "no gates given, measured only"
+    click.echo(f"{result['target']} on {result['data']} ({result['samples']} samples, {source}): {verdict}")
 
 
 def gate_options(function):
@@ -70,15 +75,16 @@ def gate_options(function):
 def check(ctx, run_dir, target, data, samples, config, rerun, junit_xml, device, runs_dir, as_json, quiet, **limits):
     """Gate a run's exported student on a target (default: the latest run). Exit 0 when every
     gate passes, 1 when one fails, 2 on a usage or input error."""
+    from stars_deploy import api
     from stars_deploy.devices import resolve_device
-    from stars_deploy.targets.check import check as run_check
     from stars_deploy.targets.gates import write_junit_xml
 
     quiet_if(quiet)
     if junit_xml is not None:
         junit_xml = inside_working_directory(junit_xml, "--junit-xml")
     resolve_device(device)  # before any work, also when a stored result is reused
-    result = run_check(run_dir_or_latest(run_dir, runs_dir), target, limits, data, samples, config, rerun, device)
+    result = api.check(run_dir_or_latest(run_dir, runs_dir), target, data=data, samples=samples, config=config,
+                       rerun=rerun, device=device, **limits)
     if junit_xml is not None:
         write_junit_xml(junit_xml, result["gates"], f"stars-deploy check {result['target']}")
     if as_json:
@@ -104,12 +110,13 @@ def check(ctx, run_dir, target, data, samples, config, rerun, junit_xml, device,
 def report(run_dir, data, samples, report_format, device, runs_dir, as_json, quiet):
     """Write RUN_DIR/report.html (self-contained, plots as PNG and SVG under RUN_DIR/plots/), or with
     --format md a Markdown summary (default: the latest run)."""
+    from stars_deploy import api
     from stars_deploy.devices import resolve_device
-    from stars_deploy.targets.report import write_report
 
     quiet_if(quiet)
     resolve_device(device)  # before any work, also when every target's result is stored
-    payload = write_report(run_dir_or_latest(run_dir, runs_dir), data, samples, device, format=report_format)
+    payload = api.report(run_dir_or_latest(run_dir, runs_dir), data=data, samples=samples, device=device,
+                         format=report_format)
     if report_format == "md" and not as_json:
         click.echo(payload["markdown"], nl=False)
         return

@@ -38,10 +38,10 @@ def export(run_dir, target, with_teacher, dt_s, timesteps, runs_dir, as_json, qu
     """Export a run's student (default: the latest run) to RUN_DIR/export/ and print its layers.
 
     With --target loihi, RUN_DIR may also be any .nir file (written beside it as FILE.net)."""
-    from stars_deploy.exporters.registry import export_run
+    from stars_deploy import api
 
     quiet_if(quiet)
-    payload = export_run(run_dir_or_latest(run_dir, runs_dir), target, teacher=with_teacher, dt_s=dt_s,
+    payload = api.export(run_dir_or_latest(run_dir, runs_dir), target, teacher=with_teacher, dt_s=dt_s,
                          timesteps=timesteps)
     if as_json:
         emit(payload, True, [])
@@ -80,7 +80,7 @@ def _all_compares() -> list[str]:
 @option("--inputs", "inputs", type=click.Path(path_type=Path, dir_okay=False), default=None, topic="Evaluation",
         show_default="none: images from --data",
         help="An .npz with the inputs themselves: 'inputs' (N, ...) or 'sequences' (N, T, ...), optional 'labels' "
-             "(README, Loihi); how a netx file from another tool is fed.")
+             "(docs/deploy.md); how a netx file from another tool is fed.")
 @option("--compare", type=LazyChoice(_all_compares), default=None, topic="Evaluation",
         show_default="student inside a run, else none",
         help="What to compare with: the run's folded student, another target on the same export, or none.")
@@ -96,13 +96,14 @@ def _all_compares() -> list[str]:
 def simulate(path, target, data, samples, inputs, compare, dt_s, timesteps, device, loihi2_pj_per_op, runs_dir,
              as_json, quiet):
     """Run an exported file (PATH: a .nir/.net file or a run directory; default: the latest run)."""
+    from stars_deploy import api
     from stars_deploy.devices import resolve_device
-    from stars_deploy.targets.simulate import simulate as run_simulation
 
     quiet_if(quiet)
     resolve_device(device)  # before any file is read
-    summary = run_simulation(run_dir_or_latest(path, runs_dir), target, data, samples, compare, dt_s=dt_s,
-                             timesteps=timesteps, device=device, loihi2_pj_per_op=loihi2_pj_per_op, inputs=inputs)
+    summary = api.simulate(run_dir_or_latest(path, runs_dir), target, data=data, samples=samples, compare=compare,
+                           dt_s=dt_s, timesteps=timesteps, device=device, loihi2_pj_per_op=loihi2_pj_per_op,
+                           inputs=inputs)
     emit(summary, as_json, summary_rows(summary))
 
 
