@@ -1,7 +1,7 @@
 """The ``stars-deploy`` command line: it parses options and calls one library function each.
 
 This entry module only builds the group and registers the commands of its sibling modules
-(distill, teacher, deploy: export and simulate, ci: check, report, pipeline); they share
+(distill, teacher, deploy: export and simulate, ci: check, report, pipeline, doctor); they share
 common.py and never import this module.
 
 Every error the user can fix (a StarsDeployError, or click's own usage errors) prints one
@@ -9,8 +9,9 @@ line, ``stars-deploy: error: ...``, on stderr and exits with code 2; with ``--js
 prints one JSON object ``{"error": ...}`` on stdout. Results go to stdout, progress and logs
 to stderr.
 
-Exit codes: 0 success, 1 a gate failed (check, pipeline), 2 a usage or input error, 3 an
-internal error (a bug), 130 / 143 interrupted by SIGINT / SIGTERM (interrupt.py).
+Exit codes: 0 success, 1 a gate failed (check, pipeline) or a required part is broken (doctor), 2 a
+usage or input error, 3 an internal error (a bug), 130 / 143 interrupted by SIGINT / SIGTERM
+(interrupt.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from stars_deploy.progress import set_quiet, set_verbose, verbose
 from .ci import check, pipeline, report
 from .common import to_json
 from .deploy import export, simulate
+from .doctor import doctor
 from .distill import distill
 from .teacher import teacher
 
@@ -47,7 +49,7 @@ def cli(quiet, verbose):
     set_verbose(verbose)
 
 
-for _command in (distill, teacher, export, simulate, check, report, pipeline):
+for _command in (distill, teacher, export, simulate, check, report, pipeline, doctor):
     cli.add_command(_command)
 
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 def _peer_failure(exc: BaseException):
     """The PeerError behind ``exc``, if ``exc`` was raised while handling one: torchrun's
     SIGTERM can land inside a library call (a torch.save, say) whose own clean-up then fails."""
-    from stars_deploy.distill.distributed import PeerError
+    from stars_deploy.distillation.distributed import PeerError
 
     seen = set()
     while exc is not None and id(exc) not in seen:

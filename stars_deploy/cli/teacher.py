@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from stars_deploy.distill.options import TEACHER_OPTIONS
+from stars_deploy.distillation.options import TEACHER_OPTIONS
 from stars_deploy.units import percent
 
 from .common import TopicCommand, device_option, emit, option, output_options, quiet_if, schema_options
@@ -19,7 +19,7 @@ def teacher():
 
 @teacher.command("train", cls=TopicCommand)
 @option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
-        show_default="the cache: $STARS_DEPLOY_CACHE or ~/.cache/stars-deploy",
+        show_default="the cache: $STARS_DEPLOY_CACHE, else $XDG_CACHE_HOME/stars-deploy, else ~/.cache/stars-deploy",
         help="Where to save the checkpoint (a file).")
 @option("--epochs", type=click.IntRange(min=1), default=40, help="Training epochs.")
 @option("--seed", type=int, default=0, help="Random seed.")
@@ -44,7 +44,7 @@ def teacher_train(out, epochs, seed, as_json, quiet):
 def teacher_eval(arch, weights, normalization, num_classes, input_shape, no_hflip, data, samples, device, as_json,
                  quiet):
     """Accuracy of a teacher on a data set."""
-    from stars_deploy.distill.options import teacher_spec
+    from stars_deploy.distillation.options import teacher_spec
     from stars_deploy.teachers.evaluate import evaluate_teacher
 
     quiet_if(quiet)

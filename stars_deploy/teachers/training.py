@@ -25,8 +25,11 @@ DIGITS_ARCH = "digits_cnn"
 
 
 def cache_dir() -> Path:
-    """``$STARS_DEPLOY_CACHE``, else ``~/.cache/stars-deploy``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "stars-deploy")
+    """``$STARS_DEPLOY_CACHE``, else ``$XDG_CACHE_HOME/stars-deploy``, else ``~/.cache/stars-deploy``
+    (the XDG base directory convention)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stars-deploy"
 
 
 def default_teacher_path() -> Path:
