@@ -1,6 +1,6 @@
 """The real case: distil a spiking student from a CIFAR-10 teacher checkpoint, no data.
 
-Uses the library's public API (stars_deploy.distill). Paths are arguments; nothing is
+Uses the library's public API (stars_deploy.distillation). Paths are arguments; nothing is
 downloaded. With the shared data of this project, for example:
 
     python benchmarks/cifar10.py --teacher-weights ../shared/data/cifar10/resnet20_teacher.th \\
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stars_deploy.data import load_eval_data
 from stars_deploy.devices import resolve_device
-from stars_deploy.distill import distill, make_config
+from stars_deploy.distillation import distill, make_config
 from stars_deploy.errors import StarsDeployError
 from stars_deploy.evaluation import accuracy, predict, student_logits_fn, teacher_logits_fn
 from stars_deploy.fileio import read_json
@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=None, help="[5 convnet, 20 resnet]")
     parser.add_argument("--timesteps", type=int, default=4)
     parser.add_argument("--objective", default="host", choices=["host", "rca", "tar", "stars"])
+    parser.add_argument("--strategy", default="auto", choices=["auto", "direct", "twin"],
+                        help="auto: the twin route for a convnet student of a >= 32 px teacher")
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--synthesizer", default="pixel", choices=["pixel", "generator"])
@@ -93,7 +95,7 @@ def main() -> None:
                        "steps": args.synthesis_steps or (200 if args.synthesizer == "pixel" else None)},
             budget_s=args.budget_s, rounds=None, kd_steps=args.kd_steps, kd_batch_size=args.kd_batch_size,
             eval_data=args.eval_data, eval_every=args.eval_every or (5 if args.synthesizer == "pixel" else 50),
-            seed=args.seed, device=args.device, pool_memory_mb=args.pool_memory_mb)
+            seed=args.seed, device=args.device, pool_memory_mb=args.pool_memory_mb, strategy=args.strategy)
         with tempfile.TemporaryDirectory() as scratch:
             summary = distill(config, runs_dir=args.runs_dir or Path(scratch))
             summary["history"] = read_json(Path(summary["run_dir"]) / DISTILL, "distill record")["history"]

@@ -46,8 +46,11 @@ CONVNET="--student convnet --depth 5 --width 32"; RESNET="--student resnet --dep
 PIXEL="--synthesizer pixel --synthesis-steps $PIXEL_STEPS --batch-size $BATCHES --eval-every 10"
 WIDE="--synthesizer pixel --synthesis-steps $PIXEL_STEPS --batch-size $((4 * BATCHES)) --bn-groups 4 --eval-every 5"
 GENERATOR="--synthesizer generator --synthesis-steps 5 --batch-size $BATCHES --eval-every 40"
+# (a convnet student of the 32 px teacher takes the twin route by default, --strategy auto;
+# convnet-direct-host is the same student trained as a spiking network throughout)
 CANDIDATES=(
   "convnet-pixel-host        $CONVNET $PIXEL --objective host"
+  "convnet-direct-host       $CONVNET $PIXEL --objective host --strategy direct"
   "convnet-pixel4x-host      $CONVNET $WIDE --objective host"
   "convnet-generator-host    $CONVNET $GENERATOR --objective host"
   "resnet-pixel-host         $RESNET $PIXEL --objective host"

@@ -5,7 +5,7 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK, and :func:`process_group` joins t
 group (NCCL on GPUs, gloo on the CPU). Without torchrun it yields a one-process
 :class:`Group` whose collectives do nothing, so distill.py has one code path.
 
-The design (README, "Several GPUs (torchrun)"):
+The design (docs/torchrun.md):
 
 - Shared pool, not shards. Every rank synthesises its own batch each round (the torch seed
   is ``seed + rank``, so the batches differ), then :meth:`Group.share_batch` all-gathers them

@@ -12,7 +12,7 @@ optimiser, the RNG states, the pool's chunk list and the history go to checkpoin
 ``resume`` continues a killed run; on the CPU a resumed run with a round budget ends with
 exactly the weights of an uninterrupted one.
 
-Stops and failures (README "Safety and failure"):
+Stops and failures (docs/safety.md):
 
 - SIGINT or SIGTERM (one process): the round in progress finishes, a checkpoint is saved, one
   line says what was saved and the exact ``--resume`` command, and the process exits 130 or
