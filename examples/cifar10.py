@@ -1,14 +1,15 @@
 """CIFAR-10 end to end with the Python API, from a local teacher checkpoint and local test
 images (nothing is downloaded):
 
-    python examples/cifar10.py --teacher-weights resnet20.th --test-data test.npz --budget-s 480
+    python examples/cifar10.py --teacher-weights resnet20.th --test-data test.npz --budget-s 1200
 
-The teacher is an akamaster-style CIFAR ResNet (``--teacher-arch cifar_resnet20`` by default,
-ImageNet normalisation as that checkpoint was trained with); the test data is a .npz with
-``images`` (N, 32, 32, 3) uint8 and ``labels`` (N,) or a CIFAR-10 python pickle folder. The
-student is the Loihi-deployable spiking convnet; it is exported to NIR and Loihi, run on the
-emulator and gated. The budget is checked between rounds, and one round at the default batch
-takes minutes on a CPU: there use --batch-size 32; use --device cuda where there is a GPU.
+The teacher is an akamaster-style CIFAR ResNet (``--teacher cifar_resnet20`` by default;
+cifar_resnet32/44/56 too), ImageNet normalisation as that checkpoint was trained with; the
+test data is a .npz with ``images`` (N, 32, 32, 3) uint8 and ``labels`` (N,), or a CIFAR-10
+python folder. Everything else is the default for a CIFAR-sized teacher (the twin route, see
+the README's "Expected results"): the student is the Loihi-deployable spiking convnet. It is
+exported to NIR and Loihi, run on the bit-accurate emulator, gated and reported. The budget
+bounds the distillation; use --device cuda where there is a GPU.
 """
 
 from __future__ import annotations
@@ -17,50 +18,35 @@ import argparse
 import sys
 from pathlib import Path
 
-from stars_deploy.distill import distill, make_config
+import stars_deploy as sd
 from stars_deploy.errors import StarsDeployError
-from stars_deploy.exporters.registry import export_run
-from stars_deploy.targets.check import check
-from stars_deploy.targets.report import write_report
-from stars_deploy.teachers import TeacherSpec
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-weights", type=Path, required=True)
-    parser.add_argument("--teacher-arch", default="cifar_resnet20")
+    parser.add_argument("--teacher", default="cifar_resnet20")
     parser.add_argument("--normalization", default="imagenet")
-    parser.add_argument("--test-data", required=True, help=".npz or CIFAR-10 pickle folder")
-    parser.add_argument("--budget-s", type=float, default=120.0)
-    parser.add_argument("--objective", default="stars", choices=["host", "stars"])
-    parser.add_argument("--synthesizer", default="pixel", choices=["pixel", "generator"])
-    parser.add_argument("--batch-size", type=int, default=256, help="synthetic and KD batch (32 on a CPU)")
-    parser.add_argument("--samples", type=int, default=500, help="test images for the Loihi emulator")
+    parser.add_argument("--test-data", required=True, help=".npz or CIFAR-10 python folder")
+    parser.add_argument("--budget-s", type=float, default=1200.0)
+    parser.add_argument("--samples", type=int, default=None, help="test images for the Loihi emulator (all)")
     parser.add_argument("--min-accuracy", type=float, default=0.0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     args = parser.parse_args()
     try:
-        config = make_config(
-            args.objective,
-            teacher=TeacherSpec(arch=args.teacher_arch, weights=str(args.teacher_weights),
-                                normalization=args.normalization),
-            student={"family": "convnet", "width": 32, "depth": 5},
-            synthesis={"batch_size": args.batch_size, "method": args.synthesizer},
-            budget_s=args.budget_s, rounds=None, kd_steps=50, kd_batch_size=args.batch_size,
-            eval_data=args.test_data, eval_every=10, device=args.device)
-        summary = distill(config, runs_dir=args.runs_dir)
-        run_dir = Path(summary["run_dir"])
-        print(f"teacher {summary['teacher_accuracy']:.1%}, student {summary['student_accuracy']:.1%}, "
-              f"agreement {summary['agreement']:.1%} after {summary['wall_time_s']:.0f} s")
+        run = sd.distill(args.teacher, weights=args.teacher_weights, normalization=args.normalization,
+                         data=args.test_data, budget_s=args.budget_s, device=args.device, runs_dir=args.runs_dir)
+        print(f"teacher {run['teacher_accuracy']:.1%}, student {run['student_accuracy']:.1%}, "
+              f"agreement {run['agreement']:.1%} after {run['wall_time_s']:.0f} s")
         for target in ("nir", "loihi"):
-            export_run(run_dir, target)
-        result = check(run_dir, "loihi", {"min_accuracy": args.min_accuracy, "max_accuracy_drop": 0.02},
-                       data=args.test_data, samples=args.samples)
+            sd.export(run["run_dir"], target)
+        result = sd.check(run["run_dir"], "loihi", samples=args.samples, device=args.device,
+                          min_accuracy=args.min_accuracy, max_accuracy_drop=0.02)
         for gate in result["gates"]:
             print(f"{gate['gate']:20s} {gate['measured']:.4f} {gate['comparison']} {gate['limit']}: "
                   f"{'pass' if gate['passed'] else 'FAIL'}")
-        print("report:", write_report(run_dir, data=args.test_data, samples=args.samples)["report"])
+        print("report:", sd.report(run["run_dir"], samples=args.samples, device=args.device)["report"])
         return 0 if result["passed"] else 1
     except StarsDeployError as exc:
         print(f"cifar10 example: error: {exc}", file=sys.stderr)
