@@ -12,12 +12,12 @@ A case is exact when every spike of every layer equals ours (where the reader ex
 the exact ones must) and every logit at every step is within LOGIT_ATOL of ours; agreement is
 the share of samples whose prediction (argmax of the mean logits over T) equals ours.
 
-CASES below is what the README's table says. A case claimed exact (as released, or with a
+CASES below is what docs/deploy.md's table says. A case claimed exact (as released, or with a
 stated reader-side setting) fails when it is not; in CI (CI=true) it also fails when its venv
 is missing, so CI proves it (`make test` builds the norse and snntorch venvs). A case claimed
 not exact is skipped without its venv, and fails if it becomes exact or fails differently
 from what the table says, so the table is kept true. Every case run writes its row into
-RESULTS (JSON); tools/interop/table.py prints the README table from it.
+RESULTS (JSON); tools/interop/table.py prints docs/deploy.md's table from it.
 """
 
 from __future__ import annotations
@@ -247,4 +247,4 @@ def test_reader_reads_our_nir_file(case, interop_case, tmp_path):
         assert measured["max_logit_diff"] <= LOGIT_ATOL, f"{case.id}: logits differ by {measured['max_logit_diff']}"
         assert measured["agreement"] == 1.0
     else:
-        assert not exact, f"{case.id} is now exact ({case.setting or 'as released'}): update CLAIMS and the README"
+        assert not exact, f"{case.id} is now exact ({case.setting or 'as released'}): update CLAIMS and docs/deploy.md"

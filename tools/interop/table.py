@@ -1,4 +1,4 @@
-"""Print the README's NIR-reader compatibility table (Markdown) from tests/test_interop.py's
+"""Print docs/deploy.md's NIR-reader compatibility table (Markdown) from tests/test_interop.py's
 results (build/interop/results.json by default; STARS_INTEROP_RESULTS or a path argument).
 
     python tools/interop/table.py [results.json]
