@@ -3,10 +3,16 @@ wheels install a top-level `tests` package into site-packages)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from stars_deploy.teachers.training import CACHE_ENV, train_digits_teacher
+
+THIRDPARTY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "thirdparty"
+IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +90,31 @@ def digits_run_dir(random_student):
         save_student(folder / STUDENT, student)
         return folder
     return make
+
+
+@pytest.fixture
+def thirdparty():
+    """find(relative path) -> the public file in ../shared/data/thirdparty, or a skip (a failure
+    in CI, which has ../shared)."""
+    def find(relative: str) -> Path:
+        path = THIRDPARTY / relative
+        if not path.is_file():
+            message = f"{path} is missing (the shared third-party folder ../shared/data/thirdparty)"
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(message)
+        return path
+    return find
+
+
+@pytest.fixture
+def cli_main(capsys):
+    """run(*args) -> (exit code, stdout, stderr) of the CLI in this process."""
+    from stars_deploy.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return exit_info.value.code, captured.out, captured.err
+    return run

@@ -5,16 +5,13 @@ initial state in every target; warnings instead of silent wrong answers; explici
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import nir
 import numpy as np
 import pytest
 import torch
 
-from stars_deploy.cli import main
 from stars_deploy.errors import DataError
 from stars_deploy.exporters.loihi_export import LoihiExportError, lower_nir, netx_table, report_lines
 from stars_deploy.exporters.nir_format import NIRFormatError, read_nir
@@ -22,25 +19,8 @@ from stars_deploy.targets.loihi import LoihiEmulator
 from stars_deploy.targets.nir_reference import NIRReference, load_reference
 from stars_deploy.targets.record import summarize
 
-THIRDPARTY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "thirdparty" / "nir_paper"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def thirdparty(name: str) -> Path:
-    path = THIRDPARTY / name
-    if not path.is_file():
-        message = f"{path} is missing (the shared third-party folder ../shared/data/thirdparty)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def events(steps: int, samples: int, rate: float = 0.05, seed: int = 0) -> np.ndarray:
@@ -49,24 +29,24 @@ def events(steps: int, samples: int, rate: float = 0.05, seed: int = 0) -> np.nd
 
 
 # ---- Sinabs' N-MNIST CNN (IF neurons, SumPool2d) --------------------------------------------------
-def test_cnn_sinabs_lowers_to_loihi_and_runs_spike_for_spike_in_lava(tmp_path, capsys):
+def test_cnn_sinabs_lowers_to_loihi_and_runs_spike_for_spike_in_lava(tmp_path, thirdparty, cli_main):
     nir_file = tmp_path / "cnn_sinabs.nir"
-    shutil.copy(thirdparty("cnn_sinabs.nir"), nir_file)  # the export writes beside it
-    code, out, err = run_main(capsys, "export", "--target", "loihi", nir_file, "--dt-s", 1, "-T", 8, "--quiet")
+    shutil.copy(thirdparty("nir_paper/cnn_sinabs.nir"), nir_file)  # the export writes beside it
+    code, out, err = cli_main("export", "--target", "loihi", nir_file, "--dt-s", 1, "-T", 8, "--quiet")
     assert code == 0, err
     assert "IF -> CUBA LIF with vDecay 0" in out and "SumPool2d 2x2 folded into '5' into a 6x6/2 convolution" in out
     assert "SumPool2d 2x2 folded into '9' into the dense weights (512 inputs)" in out
     record = json.loads((tmp_path / "export.json").read_text())
     assert [r["node"] for r in record["rewrites"]] == ["1", "3", "4", "6", "7", "10", "12"]
     np.savez(tmp_path / "events.npz", sequences=events(8, 2))
-    code, out, err = run_main(capsys, "simulate", "--target", "loihi", tmp_path / "cnn_sinabs.net", "--inputs",
+    code, out, err = cli_main("simulate", "--target", "loihi", tmp_path / "cnn_sinabs.net", "--inputs",
                               tmp_path / "events.npz", "--compare", "lava", "--json", "--quiet")
     assert code == 0, err
     lava = json.loads(out)
     assert lava["spike_mismatches"] == 0 and lava["max_logit_difference"] == 0
     assert all(count > 0 for count in lava["spikes_per_layer"].values())
     # against the float reference: as close as 8-bit weights allow, reported per layer
-    code, out, err = run_main(capsys, "simulate", "--target", "loihi", tmp_path / "cnn_sinabs.net", "--inputs",
+    code, out, err = cli_main("simulate", "--target", "loihi", tmp_path / "cnn_sinabs.net", "--inputs",
                               tmp_path / "events.npz", "--compare", "nir", "--dt-s", 1, "-T", 8, "--json", "--quiet")
     assert code == 0, err
     summary = json.loads(out)
@@ -76,8 +56,8 @@ def test_cnn_sinabs_lowers_to_loihi_and_runs_spike_for_spike_in_lava(tmp_path, c
     assert per_layer["1"] <= 0.05 * first  # the 13-bit input layer
 
 
-def test_the_fold_of_a_pool_is_the_same_linear_map():
-    graph = read_nir(thirdparty("cnn_sinabs.nir"))
+def test_the_fold_of_a_pool_is_the_same_linear_map(thirdparty):
+    graph = read_nir(thirdparty("nir_paper/cnn_sinabs.nir"))
     network, _ = lower_nir(graph, dt_s=1.0, timesteps=4)
     assert [layer.kind for layer in network.layers] == ["input", "conv", "conv", "dense", "dense"]
     assert network.layers[2].weight.shape[2:] == (6, 6) and network.layers[2].stride == (2, 2)
@@ -85,10 +65,10 @@ def test_the_fold_of_a_pool_is_the_same_linear_map():
     assert all(layer.neuron.v_decay == 0 for layer in network.layers)  # IF: no leak
 
 
-def test_a_dt_that_silences_every_neuron_is_a_warning_not_a_silent_zero(tmp_path, capsys):
-    path = thirdparty("cnn_sinabs.nir")
+def test_a_dt_that_silences_every_neuron_is_a_warning_not_a_silent_zero(tmp_path, thirdparty, cli_main):
+    path = thirdparty("nir_paper/cnn_sinabs.nir")
     np.savez(tmp_path / "events.npz", sequences=events(25, 3))
-    code, out, err = run_main(capsys, "simulate", "--target", "nir", path, "--dt-s", 1e-4, "-T", 25,
+    code, out, err = cli_main("simulate", "--target", "nir", path, "--dt-s", 1e-4, "-T", 25,
                               "--inputs", tmp_path / "events.npz", "--json", "--quiet")
     assert code == 0
     summary = json.loads(out)
@@ -96,7 +76,7 @@ def test_a_dt_that_silences_every_neuron_is_a_warning_not_a_silent_zero(tmp_path
     assert any("T dt r = 0.0025" in w and "--dt-s 1" in w for w in summary["warnings"])
     assert any("no layer spiked in any of the 3 samples" in w for w in summary["warnings"])
     assert "stars-deploy: warning: no layer spiked" in err and "stars-deploy: warning: node '1' (IF)" in err
-    code, out, _ = run_main(capsys, "simulate", "--target", "nir", path, "--dt-s", 1, "-T", 25,
+    code, out, _ = cli_main("simulate", "--target", "nir", path, "--dt-s", 1, "-T", 25,
                             "--inputs", tmp_path / "events.npz", "--json", "--quiet")
     assert code == 0 and json.loads(out)["warnings"] == [] and json.loads(out)["spikes_per_sample"] > 0
 
@@ -139,8 +119,8 @@ def braille_by_hand(graph: nir.NIRGraph, inputs: np.ndarray, dt: float) -> tuple
     return np.stack(out1), np.stack(out2)
 
 
-def test_the_braille_rnn_runs_in_the_reference_with_the_recurrent_edge_one_step_late(tmp_path, capsys):
-    path = thirdparty("braille_noDelay_bias_zero.nir")
+def test_the_braille_rnn_runs_in_the_reference_with_the_recurrent_edge_one_step_late(tmp_path, thirdparty, cli_main):
+    path = thirdparty("nir_paper/braille_noDelay_bias_zero.nir")
     reference = load_reference(path, dt_s=1e-4, timesteps=120)
     assert reference.delayed == {("lif1.w_rec", "lif1.lif")}
     assert reference.plan == [["input"], ["fc1"], ["lif1.lif", "lif1.w_rec"], ["fc2"], ["lif2"], ["output"]]
@@ -152,7 +132,7 @@ def test_the_braille_rnn_runs_in_the_reference_with_the_recurrent_edge_one_step_
     mismatches = int((result.spikes["lif1.lif"].numpy() != hidden).sum() + (result.spikes["lif2"].numpy() != out).sum())
     assert mismatches == 0, f"{mismatches} of {total} spikes differ from NIR's equations written out"
     np.savez(tmp_path / "braille.npz", sequences=inputs.transpose(1, 0, 2), labels=np.arange(6) % 7)
-    code, out_text, err = run_main(capsys, "simulate", "--target", "nir", path, "--dt-s", 1e-4, "-T", 120,
+    code, out_text, err = cli_main("simulate", "--target", "nir", path, "--dt-s", 1e-4, "-T", 120,
                                    "--inputs", tmp_path / "braille.npz", "--json", "--quiet")
     assert code == 0, err
     summary = json.loads(out_text)
@@ -214,11 +194,11 @@ def test_the_rounded_vdecay_is_in_the_quantisation_report():
     assert "vDecay of lif rounded: 41 for 4096 dt/tau = 40.96" in text and "40.96" in text.splitlines()[2]
 
 
-def test_nan_weights_at_export_are_one_clean_error_naming_the_node(tmp_path, capsys):
+def test_nan_weights_at_export_are_one_clean_error_naming_the_node(tmp_path, cli_main):
     graph = leaky_graph(0.0, 0.0)
     graph.nodes["fc2"].weight[1, 2] = np.nan
     nir.write(tmp_path / "nan.nir", graph)
-    code, _, err = run_main(capsys, "export", "--target", "loihi", tmp_path / "nan.nir", "--quiet")
+    code, _, err = cli_main("export", "--target", "loihi", tmp_path / "nan.nir", "--quiet")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "node 'fc2' has 1 NaN or Inf weight value(s)" in err
 

@@ -5,7 +5,6 @@ files carry a checksum; what we do not emulate is refused by name."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -14,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stars_deploy.cli import main
 from stars_deploy.data import load_digits_split
 from stars_deploy.exporters.netx_format import (CHECKSUM_KEY, InputStage, NetxFormatError, NetxLayer, NetxNetwork,
                                                 NeuronConfig, content_sha256, read_network, write_network)
@@ -22,27 +20,10 @@ from stars_deploy.targets.lava_sim import load_lava
 from stars_deploy.targets.loihi import load_emulator
 from stars_deploy.targets.record import spike_mismatches
 
-THIRDPARTY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "thirdparty"
-IN_CI = os.environ.get("CI", "").lower() == "true"
-MNIST_NET = THIRDPARTY / "lava_dl" / "trained_mnist_network.net"
-TINY_NET = THIRDPARTY / "lava_dl" / "tiny.net"
+MNIST_NET = "lava_dl/trained_mnist_network.net"
+TINY_NET = "lava_dl/tiny.net"
 
 
-def thirdparty(path: Path) -> Path:
-    """The third-party file, or a skip (a failure in CI, which has ../shared)."""
-    if not path.is_file():
-        message = f"{path} is missing (the shared third-party folder ../shared/data/thirdparty)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def digits_as_mnist(steps: int, samples: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,12 +38,12 @@ def digits_as_mnist(steps: int, samples: int | None = None, seed: int = 0) -> tu
 
 
 # ---- lava-dl's own files -------------------------------------------------------------------------
-def test_lava_dls_mnist_network_runs_bit_exactly_in_the_emulator_and_lava(capsys, tmp_path):
+def test_lava_dls_mnist_network_runs_bit_exactly_in_the_emulator_and_lava(tmp_path, thirdparty, cli_main):
     """CUBA dense 784-128-64-10, no input layer: the inputs are spike trains into the first synapse."""
     path = thirdparty(MNIST_NET)
     spikes, labels = digits_as_mnist(12, samples=3)
     np.savez(tmp_path / "spikes.npz", sequences=spikes.numpy(), labels=labels.numpy())
-    code, out, err = run_main(capsys, "simulate", "--target", "loihi", path, "--inputs", tmp_path / "spikes.npz",
+    code, out, err = cli_main("simulate", "--target", "loihi", path, "--inputs", tmp_path / "spikes.npz",
                               "-T", 12, "--compare", "lava", "--json", "--quiet")
     assert code == 0, err
     summary = json.loads(out)
@@ -77,7 +58,7 @@ def test_lava_dls_mnist_network_runs_bit_exactly_in_the_emulator_and_lava(capsys
     assert float((result.predictions == labels).float().mean()) > 0.5
 
 
-def test_lava_dls_loihi_type_conv_network_runs_bit_exactly(tmp_path, capsys):
+def test_lava_dls_loihi_type_conv_network_runs_bit_exactly(tmp_path, thirdparty, cli_main):
     """LOIHI neurons, an input layer and two strided convs: graded a_in inputs, constant and per step."""
     path = thirdparty(TINY_NET)
     generator = torch.Generator().manual_seed(0)
@@ -93,20 +74,20 @@ def test_lava_dls_loihi_type_conv_network_runs_bit_exactly(tmp_path, capsys):
         assert torch.equal(lava.logits_t, fixed.logits_t)
         assert all(count > 0 for count in fixed.spike_counts().values())
     np.savez(tmp_path / "a_in.npz", inputs=constant.numpy())
-    code, out, err = run_main(capsys, "simulate", "--target", "loihi", path, "--inputs", tmp_path / "a_in.npz",
+    code, out, err = cli_main("simulate", "--target", "loihi", path, "--inputs", tmp_path / "a_in.npz",
                               "-T", 8, "--json", "--quiet")
     assert code == 0 and json.loads(out)["accuracy"] is None
     assert "stars-deploy: warning: layer 0 (input): netx ignores" in err  # also under --quiet
 
 
-def test_a_foreign_file_without_inputs_says_how_to_feed_it(capsys):
+def test_a_foreign_file_without_inputs_says_how_to_feed_it(thirdparty, cli_main):
     path = thirdparty(MNIST_NET)
-    code, out, err = run_main(capsys, "simulate", "--target", "loihi", path, "-T", 4, "--quiet")
+    code, out, err = cli_main("simulate", "--target", "loihi", path, "-T", 4, "--quiet")
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
     assert "netx file from another tool" in err and "--inputs FILE.npz" in err and "[784]" in err
 
 
-def test_inputs_of_the_wrong_kind_are_refused_naming_the_rule(tmp_path):
+def test_inputs_of_the_wrong_kind_are_refused_naming_the_rule(tmp_path, thirdparty):
     path = thirdparty(MNIST_NET)
     emulator = load_emulator(path, timesteps=4)
     with pytest.raises(NetxFormatError, match=r"spikes into the first synapse \(0 or 1\)"):
@@ -257,9 +238,9 @@ def test_our_metadata_is_validated_not_looked_up(change, message, tmp_path):
         read_network(path)
 
 
-def test_a_file_that_is_not_hdf5_or_is_a_directory_is_one_line(tmp_path, capsys):
+def test_a_file_that_is_not_hdf5_or_is_a_directory_is_one_line(tmp_path, cli_main):
     (tmp_path / "junk.net").write_bytes(b"\x89HDF\r\n" + bytes(200))
-    code, _, err = run_main(capsys, "simulate", "--target", "loihi", tmp_path / "junk.net", "--quiet")
+    code, _, err = cli_main("simulate", "--target", "loihi", tmp_path / "junk.net", "--quiet")
     assert code == 2 and "junk.net" in err and "truncated or corrupt" in err and err.count("\n") == 1
     with pytest.raises(NetxFormatError, match="is a directory"):
         read_network(tmp_path)
