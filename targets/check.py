@@ -6,27 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from stars_deploy.errors import ConfigError
-from stars_deploy.fileio import read_json, write_json
-from stars_deploy.layout import STUDENT, check_file, simulation_file
+from stars_deploy.fileio import write_json
+from stars_deploy.layout import STUDENT, check_file
 from stars_deploy.progress import log
-from stars_deploy.runs import sha256_file, timestamp
+from stars_deploy.runs import timestamp
 
 from .gates import GATES, evaluate, load_check_config, measured_values
 from .registry import REFERENCE_STUDENT, get_target
-from .simulate import resolve_file, run_eval_data, simulate, simulation_request
+from .simulate import resolve_file, run_eval_data, simulate, simulation_request, stored_result
 
 DEFAULT_TARGET = "loihi"  # what CI gates when neither --target nor the config names one
-
-
-def _reusable(run_dir: Path, target: str, file: Path, request: dict) -> dict | None:
-    """The stored result of this very request, when it was made from this very file."""
-    stored = simulation_file(run_dir, target, request)
-    if not stored.is_file():
-        return None
-    summary = read_json(stored, "simulation result")
-    if summary.get("file_sha256") != sha256_file(file) or summary.get("request") != request:
-        return None
-    return {**summary, "result_file": str(stored)}
 
 
 def check(run_dir: Path, target: str | None = None, limits: dict | None = None, data: str | None = None,
@@ -55,7 +44,7 @@ def check(run_dir: Path, target: str | None = None, limits: dict | None = None, 
         raise ConfigError(f"samples must be at least 1, got {samples}")
     file, _ = resolve_file(run_dir, spec)
     request = simulation_request(data, samples, REFERENCE_STUDENT)
-    summary = None if rerun else _reusable(run_dir, target, file, request)
+    summary = None if rerun else stored_result(run_dir, target, file, request)
     reused = summary is not None
     if reused:
         log(f"{target}: reusing {summary['result_file']} (made from this {file} with this request)")

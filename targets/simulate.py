@@ -194,16 +194,27 @@ def simulate(path: Path, target: str = "nir", data: str | None = None, samples: 
     return summary
 
 
-def stored_results(run_dir: Path, target: str, file: Path | None = None) -> list[dict]:
-    """The stored summaries of ``target`` in a run, each with its ``result_file``; with
-    ``file``, only those made from that very file (a re-export makes older results stale)."""
-    digest = sha256_file(file) if file is not None else None
-    found = []
-    for path in simulation_files(run_dir, target):
-        summary = read_json(path, "simulation result")
-        if summary.get("target") == target and (digest is None or summary.get("file_sha256") == digest):
-            found.append({**summary, "result_file": str(path)})
-    return found
+def _stored(path: Path, target: str, digest: str) -> dict | None:
+    """The summary stored at ``path``, with its ``result_file``, when it is ``target``'s and was
+    made from the file whose sha256 is ``digest`` (a re-export makes older results stale)."""
+    summary = read_json(path, "simulation result")
+    if summary.get("target") != target or summary.get("file_sha256") != digest:
+        return None
+    return {**summary, "result_file": str(path)}
+
+
+def stored_result(run_dir: Path, target: str, file: Path, request: dict) -> dict | None:
+    """The stored result of exactly ``request``, made from this very ``file``, or None."""
+    path = simulation_file(run_dir, target, request)
+    summary = _stored(path, target, sha256_file(file)) if path.is_file() else None
+    return summary if summary is not None and summary.get("request") == request else None
+
+
+def stored_results(run_dir: Path, target: str, file: Path) -> list[dict]:
+    """Every stored summary of ``target`` in a run made from this very ``file``."""
+    digest = sha256_file(file)
+    found = (_stored(path, target, digest) for path in simulation_files(run_dir, target))
+    return [summary for summary in found if summary is not None]
 
 
 def _pick(stored: list[dict], wanted: dict) -> dict | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,15 @@ def user_repo(tmp_path_factory):
         pytest.skip("builds a virtual environment (minutes): runs in CI, or with STARS_DEPLOY_RECIPE_TEST=1")
     folder = tmp_path_factory.mktemp("user-repo")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+    # built from a copy of the checkout's files, so that no build/ left in the repository (which
+    # setuptools never prunes: a deleted module would stay in the wheel) reaches the wheel
+    source = folder / "source"
+    listed = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], ROOT, env).stdout
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
           "-w", str(folder / "dist")], folder, env)
     wheel = next((folder / "dist").glob("stars_deploy-*.whl"))
     venv = folder / "venv"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import TopicCommand, output_options, quiet_if, table, to_json
+from .common import TopicCommand, emit, output_options, quiet_if, table
 
 BROKEN = 1  # a required part does not work here (as a failed gate: something to fix, not a usage error)
 
@@ -21,7 +21,7 @@ def doctor(ctx, as_json, quiet):
     quiet_if(quiet)
     result = api.doctor()
     if as_json:
-        click.echo(to_json(result))
+        emit(result, True, [])
     else:
         table(("part", "status", "found", "to fix"),
               [(c["name"], "ok" if c["ok"] else ("BROKEN" if c["required"] else "missing (optional)"), c["detail"],

@@ -162,7 +162,8 @@ DISTILL_OPTIONS = TEACHER_OPTIONS + (
            show_default="digits for the digits teacher, else none", aliases=("eval-data",)),
     Option("no_eval", "no-eval", bool, False, "Skip evaluation.", EVALUATION),
     Option("snapshot_every_s", "snapshot-every-s", float, None, "Keep the student every S seconds of "
-           "distillation (RUN_DIR/snapshots/), so one run answers shorter budgets.", EVALUATION,
+           "distillation (RUN_DIR/snapshots/); with --strategy direct one run answers shorter budgets (the twin "
+           "route's phases scale with the budget).", EVALUATION,
            show_default="none"),
     Option("eval_every", "eval-every", int, None, "Evaluate every N rounds.", EVALUATION,
            show_default=_default(DistillConfig, "eval_every")),
