@@ -162,6 +162,26 @@ def test_the_twin_strategy_synthesises_first_then_trains_the_twin(tmp_path, digi
     assert 0 <= summary["student_accuracy"] <= 1
 
 
+def test_a_twin_run_whose_objective_needs_the_student_trains_the_twin_while_it_synthesises(
+        tmp_path, digits_teacher, monkeypatch):
+    from stars_deploy.distillation import distill
+    from stars_deploy.distillation.synthesis import PixelSynthesizer
+    from stars_deploy.students.rate import RateTwin
+
+    given = []
+    synthesize = PixelSynthesizer.synthesize
+    monkeypatch.setattr(PixelSynthesizer, "synthesize",
+                        lambda self, student, *args: given.append(student) or synthesize(self, student, *args))
+    config = make_config(objective="stars", rounds=8, kd_steps=3, strategy="twin", synthesis_fraction=0.5,
+                         compile_student=False, synthesis={"batch_size": 16, "steps": 3, "student_every": 1})
+    summary = distill(config, runs_dir=tmp_path)
+    history = json.loads((Path(summary["run_dir"]) / "distill.json").read_text())["history"]
+    assert [h["phase"] for h in history] == ["synthesis"] * 4 + ["kd"] * 4
+    assert all("kd_loss" in h and "syn_rca" in h for h in history)  # RCA compared a student that learns
+    assert summary["kd_images"] == 8 * 3 * config.kd_batch_size
+    assert len(given) == 4 and all(isinstance(student, RateTwin) for student in given)  # one pass, not T
+
+
 def test_auto_strategy_depends_on_the_student_and_the_image_size():
     from stars_deploy.teachers import TeacherSpec
 

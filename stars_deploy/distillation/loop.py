@@ -437,18 +437,21 @@ class Distillation:
         """One round, appending its record to the history and returning its seconds (rank 0's
         clock decides elapsed time on every rank): synthesise -> pool -> KD steps (direct); in
         the twin strategy, synthesis alone until the synthesis phase is over, then KD steps on
-        the rate twin alone."""
+        the rate twin alone. A twin run whose synthesis objective needs the student (L_RCA,
+        L_ADV) trains the twin in the synthesis phase too, and gives the objective the twin:
+        those terms compare the teacher with a student that learns, at one pass instead of T."""
         config, group = self.config, self.group
         round_start = time.perf_counter()
         kd_phase = self._kd_phase()
+        trains = self.twin is None or kd_phase or config.synthesis.needs_student
         if not kd_phase:
-            images, self.last_terms = self.synthesizer.synthesize(self.student, config.teacher.input_shape,
-                                                                  self.device)
+            student = self.student if self.twin is None else self.twin
+            images, self.last_terms = self.synthesizer.synthesize(student, config.teacher.input_shape, self.device)
             self._check_synthesis(images)
             for batch in group.share_batch(images):  # every rank's batch, in rank order
                 self.pool.add(batch)
         synthesis_done = time.perf_counter()
-        if self.twin is None or kd_phase:
+        if trains:
             lr_scale = cosine_lr_scale(self._lr_progress())
             for param_group in self.optimizer.param_groups:
                 param_group["lr"] = config.kd_lr * lr_scale
@@ -466,8 +469,7 @@ class Distillation:
         record = {"round": self.round_index, "elapsed_s": round(self.elapsed_s, 3),
                   "synthetic_images": len(self.pool),
                   "phase": "kd" if kd_phase else ("synthesis" if self.twin is not None else "round"),
-                  **({"kd_loss": float(self.loss.detach())} if self.loss is not None and
-                     (self.twin is None or kd_phase) else {}),
+                  **({"kd_loss": float(self.loss.detach())} if self.loss is not None and trains else {}),
                   **{f"syn_{k}": v for k, v in self.last_terms.items()}}
         if self.eval_set is not None and self.round_index % config.eval_every == 0:
             record.update(self.evaluate())
