@@ -182,6 +182,16 @@ def test_a_twin_run_whose_objective_needs_the_student_trains_the_twin_while_it_s
     assert len(given) == 4 and all(isinstance(student, RateTwin) for student in given)  # one pass, not T
 
 
+@pytest.mark.parametrize("depth", [32, 44, 56])
+def test_every_depth_of_the_cifar_family_gets_the_defaults_of_resnet20(depth):
+    from dataclasses import replace
+    from stars_deploy.teachers import TeacherSpec
+
+    resnet20 = make_config(teacher=TeacherSpec(arch="cifar_resnet20", weights="w.th"), budget_s=1200)
+    deeper = make_config(teacher=TeacherSpec(arch=f"cifar_resnet{depth}", weights="w.th"), budget_s=1200)
+    assert deeper == replace(resnet20, teacher=deeper.teacher)  # nothing keys on the teacher's name or depth
+
+
 def test_auto_strategy_depends_on_the_student_and_the_image_size():
     from stars_deploy.teachers import TeacherSpec
 

@@ -1,0 +1,155 @@
+r"""Data-free ANN-to-SNN conversion of a teacher, calibrated on synthetic images only.
+
+The baseline users know from SpikingJelly's ann2snn and Sinabs' ``from_model``, except that
+those calibrate on real data and this on the images synthesis made from the teacher alone.
+Every ReLU of the teacher's graph (traced with torch.fx: ``F.relu``, ``torch.relu``,
+``Tensor.relu`` and ``nn.ReLU``) becomes an integrate-and-fire neuron; everything else (convolutions,
+BatchNorm in eval mode, residual additions, average pooling, the linear head) is linear and runs
+unchanged on every step. The input is the normalised image, constant on every step (direct
+encoding). At site l, with input current :math:`c_t` (the pre-activation computed from the
+previous sites' outputs at step t),
+
+.. math:: v_t = v_{t-1} + c_t,\quad z_t = [v_t \ge \lambda_l],\quad v_t \leftarrow v_t - \lambda_l z_t,
+          \quad \text{output}\ \lambda_l z_t,\qquad v_0 = \lambda_l / 2
+
+(reset by subtraction, half-threshold start), so the mean output over T steps is the ANN's
+:math:`\mathrm{clamp}(\mathrm{ReLU}(c), 0, \lambda_l)` up to a quantisation of
+:math:`\lambda_l / T` where the inputs are constant (the first site exactly). The threshold
+:math:`\lambda_l` is the ``percentile`` (99.9) of the ANN's positive activations at site l on
+the calibration images (robust normalisation, Rueckauer et al. 2017). A max-pooling teacher
+converts too, but max over spikes is not max over rates: expect a loss there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from stars_deploy.errors import ConfigError
+
+DEFAULT_PERCENTILE = 99.9
+CALIBRATION_VALUES = 1_000_000  # activations kept per site for its percentile (torch.quantile's limit is 2**24)
+RELU_FUNCTIONS = (F.relu, torch.relu)
+MODES = ("ann", "calibrate", "snn")
+
+
+class IFSite(nn.Module):
+    """One converted ReLU: the ReLU itself (``ann``), the ReLU recording a sample of its
+    positive outputs (``calibrate``), or the integrate-and-fire neuron above (``snn``),
+    keeping its membrane between calls until :meth:`reset`."""
+
+    def __init__(self):
+        super().__init__()
+        self.mode = "ann"
+        self.register_buffer("threshold", torch.tensor(1.0))
+        self.values: list[torch.Tensor] = []
+        self.v: torch.Tensor | None = None
+        self.spikes = 0.0
+
+    def reset(self) -> None:
+        self.v, self.spikes = None, 0.0
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        if self.mode == "snn":
+            if self.v is None:
+                self.v = torch.full_like(current, 0.5) * self.threshold
+            self.v = self.v + current
+            spikes = (self.v >= self.threshold).to(current.dtype)
+            self.v = self.v - spikes * self.threshold
+            self.spikes += float(spikes.sum())
+            return spikes * self.threshold
+        out = F.relu(current)
+        if self.mode == "calibrate":
+            positive = out[out > 0]
+            keep = torch.randperm(positive.numel(), device=positive.device)[:CALIBRATION_VALUES]
+            self.values.append(positive[keep].float().cpu())
+        return out
+
+
+class ConvertedNetwork(nn.Module):
+    """The teacher's traced graph with every ReLU an :class:`IFSite`. ``forward`` is the ANN
+    (or the SNN's one step, in ``snn`` mode); :meth:`simulate` runs T steps."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        try:
+            graph = fx.symbolic_trace(teacher)
+        except Exception as exc:
+            raise ConfigError(f"conversion: the teacher's forward cannot be traced by torch.fx "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                              "convert a teacher without data-dependent control flow") from None
+        self.sites = nn.ModuleList()
+        for node in list(graph.graph.nodes):
+            if not _is_relu(node, graph):
+                continue
+            name = f"if_site_{len(self.sites)}"
+            site = IFSite()
+            self.sites.append(site)
+            graph.add_submodule(name, site)
+            with graph.graph.inserting_after(node):
+                replacement = graph.graph.call_module(name, (node.args[0],))
+            node.replace_all_uses_with(replacement)
+            graph.graph.erase_node(node)
+        if not self.sites:
+            raise ConfigError("conversion: the teacher has no ReLU to turn into a spiking neuron")
+        graph.graph.lint()
+        graph.recompile()
+        self.graph = graph
+
+    def set_mode(self, mode: str) -> None:
+        for site in self.sites:
+            site.mode = mode
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.graph(images)
+
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor, percentile: float = DEFAULT_PERCENTILE, batch_size: int = 256) -> list[float]:
+        """Set every site's threshold to the ``percentile`` of its positive ANN activations on
+        ``images`` (normalised, synthetic); the thresholds, in site order."""
+        if not 0 < percentile <= 100:
+            raise ConfigError(f"conversion: the percentile must be in (0, 100], got {percentile}")
+        self.set_mode("calibrate")
+        try:
+            for start in range(0, len(images), batch_size):
+                self(images[start:start + batch_size])
+        finally:
+            self.set_mode("ann")
+        thresholds = []
+        for index, site in enumerate(self.sites):
+            values = torch.cat(site.values) if site.values else torch.zeros(0)
+            site.values = []
+            if values.numel() > CALIBRATION_VALUES:
+                values = values[torch.randperm(values.numel())[:CALIBRATION_VALUES]]
+            if values.numel() == 0:
+                raise ConfigError(f"conversion: ReLU {index} never fired on the {len(images)} calibration images")
+            site.threshold.fill_(float(torch.quantile(values, percentile / 100)))
+            thresholds.append(float(site.threshold))
+        return thresholds
+
+    @torch.no_grad()
+    def simulate(self, images: torch.Tensor, timesteps: int) -> tuple[torch.Tensor, float]:
+        """(logits averaged over the ``timesteps`` steps, spikes of all sites) for one batch."""
+        if timesteps < 1:
+            raise ConfigError(f"conversion: timesteps must be at least 1, got {timesteps}")
+        self.set_mode("snn")
+        for site in self.sites:
+            site.reset()
+        try:
+            total = sum(self(images) for _ in range(timesteps)) / timesteps
+            return total, sum(site.spikes for site in self.sites)
+        finally:
+            self.set_mode("ann")
+            for site in self.sites:
+                site.reset()
+
+
+def _is_relu(node: fx.Node, graph: fx.GraphModule) -> bool:
+    if node.op == "call_function":
+        return node.target in RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target == "relu"
+    if node.op == "call_module":
+        return isinstance(graph.get_submodule(node.target), nn.ReLU)
+    return False
