@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,7 +28,9 @@ from quality import stratified_subset  # noqa: E402  (the same subset as the qua
 from stars_deploy.conversion import DEFAULT_PERCENTILE, ConvertedNetwork  # noqa: E402
 from stars_deploy.data import load_eval_data  # noqa: E402
 from stars_deploy.distillation import read_run_config  # noqa: E402
+from stars_deploy.evaluation import accuracy, predict, teacher_logits_fn  # noqa: E402
 from stars_deploy.fileio import load_torch  # noqa: E402
+from stars_deploy.layout import POOL_DIR  # noqa: E402
 from stars_deploy.teachers import Normalizer, load_teacher  # noqa: E402
 from stars_deploy.teachers.training import teacher_weights  # noqa: E402
 
@@ -37,13 +38,13 @@ from stars_deploy.teachers.training import teacher_weights  # noqa: E402
 def calibration_images(run: Path, count: int) -> torch.Tensor:
     """The first ``count`` synthetic images of the run's pool (normalised space)."""
     chunks, total = [], 0
-    for path in sorted((run / "pool").glob("chunk_*.pt")):
+    for path in sorted((run / POOL_DIR).glob("chunk_*.pt")):
         chunks.append(load_torch(path, "pool chunk")["images"])
         total += len(chunks[-1])
         if total >= count:
             break
     if not chunks:
-        sys.exit(f"{run}/pool has no chunk files: give a finished distillation run")
+        sys.exit(f"{run / POOL_DIR} has no chunk files: give a finished distillation run")
     return torch.cat(chunks)[:count]
 
 
@@ -64,15 +65,13 @@ def main() -> None:
     normalizer = Normalizer(*spec.mean_std)
     data = load_eval_data(args.data)
     index = torch.from_numpy(stratified_subset(data.images.numpy(), data.labels.numpy(), args.per_class))
-    images, labels = normalizer(data.images[index]), data.labels[index]
-    with torch.no_grad():
-        teacher_pred = torch.cat([teacher(images[s:s + args.batch_size]).argmax(1)
-                                  for s in range(0, len(images), args.batch_size)])
+    labels = data.labels[index]
+    teacher_pred = predict(teacher_logits_fn(teacher, normalizer), data.images[index], batch_size=args.batch_size)
+    images = normalizer(data.images[index])
     network = ConvertedNetwork(teacher)
     calibration = calibration_images(args.run, args.calibration_images)
-    begin = time.perf_counter()
     thresholds = network.calibrate(calibration, args.percentile)
-    rows = [{"timesteps": "ANN", "accuracy": float((teacher_pred == labels).float().mean()), "agreement": 1.0,
+    rows = [{"timesteps": "ANN", "accuracy": accuracy(teacher_pred, labels), "agreement": 1.0,
              "spikes_per_sample": None, "seconds": 0.0}]
     for steps in args.timesteps:
         begin = time.perf_counter()
@@ -82,8 +81,8 @@ def main() -> None:
             predictions.append(logits.argmax(1))
             spikes += batch_spikes
         predicted = torch.cat(predictions)
-        rows.append({"timesteps": steps, "accuracy": float((predicted == labels).float().mean()),
-                     "agreement": float((predicted == teacher_pred).float().mean()),
+        rows.append({"timesteps": steps, "accuracy": accuracy(predicted, labels),
+                     "agreement": accuracy(predicted, teacher_pred),
                      "spikes_per_sample": spikes / len(images), "seconds": time.perf_counter() - begin})
         print(f"T {steps}: {rows[-1]['accuracy']:.1%}", file=sys.stderr, flush=True)
     print(f"teacher {spec.arch} converted ({len(network.sites)} IF sites), calibrated on {len(calibration)} "

@@ -31,7 +31,6 @@ from stars_deploy.errors import ConfigError
 DEFAULT_PERCENTILE = 99.9
 CALIBRATION_VALUES = 1_000_000  # activations kept per site for its percentile (torch.quantile's limit is 2**24)
 RELU_FUNCTIONS = (F.relu, torch.relu)
-MODES = ("ann", "calibrate", "snn")
 
 
 class IFSite(nn.Module):
@@ -45,7 +44,7 @@ class IFSite(nn.Module):
         self.register_buffer("threshold", torch.tensor(1.0))
         self.values: list[torch.Tensor] = []
         self.v: torch.Tensor | None = None
-        self.spikes = 0.0
+        self.spikes: torch.Tensor | float = 0.0  # summed on the device, read once per simulation
 
     def reset(self) -> None:
         self.v, self.spikes = None, 0.0
@@ -57,7 +56,7 @@ class IFSite(nn.Module):
             self.v = self.v + current
             spikes = (self.v >= self.threshold).to(current.dtype)
             self.v = self.v - spikes * self.threshold
-            self.spikes += float(spikes.sum())
+            self.spikes = self.spikes + spikes.sum()
             return spikes * self.threshold
         out = F.relu(current)
         if self.mode == "calibrate":
@@ -138,7 +137,7 @@ class ConvertedNetwork(nn.Module):
             site.reset()
         try:
             total = sum(self(images) for _ in range(timesteps)) / timesteps
-            return total, sum(site.spikes for site in self.sites)
+            return total, float(sum(site.spikes for site in self.sites))
         finally:
             self.set_mode("ann")
             for site in self.sites:
