@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import stratified_subset  # noqa: E402  (the same subset as the quality curve)
 
-from stars_deploy.conversion import DEFAULT_PERCENTILE, ConvertedNetwork  # noqa: E402
+from stars_deploy.conversion import DEFAULT_PERCENTILE, DEFAULT_START, RESETS, ConvertedNetwork  # noqa: E402
 from stars_deploy.data import load_eval_data  # noqa: E402
 from stars_deploy.distillation import read_run_config  # noqa: E402
 from stars_deploy.evaluation import accuracy, predict, teacher_logits_fn  # noqa: E402
@@ -56,6 +56,10 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--calibration-images", type=int, default=1024)
     parser.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE)
+    parser.add_argument("--reset", choices=RESETS, default=RESETS[0],
+                        help="subtract (conversion's usual rule) or zero (what NIR's IF node and Loihi do)")
+    parser.add_argument("--start", type=float, default=DEFAULT_START,
+                        help="v0 in thresholds: 0.5 (conversion's usual start) or 0 (NIR's IF, Loihi)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
@@ -68,7 +72,7 @@ def main() -> None:
     labels = data.labels[index]
     teacher_pred = predict(teacher_logits_fn(teacher, normalizer), data.images[index], batch_size=args.batch_size)
     images = normalizer(data.images[index])
-    network = ConvertedNetwork(teacher)
+    network = ConvertedNetwork(teacher, args.reset, args.start)
     calibration = calibration_images(args.run, args.calibration_images)
     thresholds = network.calibrate(calibration, args.percentile)
     rows = [{"timesteps": "ANN", "accuracy": accuracy(teacher_pred, labels), "agreement": 1.0,
@@ -85,7 +89,7 @@ def main() -> None:
                      "agreement": accuracy(predicted, teacher_pred),
                      "spikes_per_sample": spikes / len(images), "seconds": time.perf_counter() - begin})
         print(f"T {steps}: {rows[-1]['accuracy']:.1%}", file=sys.stderr, flush=True)
-    print(f"teacher {spec.arch} converted ({len(network.sites)} IF sites), calibrated on {len(calibration)} "
+    print(f"teacher {spec.arch} converted ({len(network.sites)} IF sites, reset {args.reset}, v0 {args.start:g} threshold), calibrated on {len(calibration)} "
           f"synthetic images of {args.run.name} (percentile {args.percentile:g}); {len(images)} stratified "
           f"images of {Path(args.data).name}; {platform.machine()} CPU, {torch.get_num_threads()} threads")
     print("| T | accuracy % | agreement with teacher % | spikes per sample | seconds |")

@@ -54,6 +54,7 @@ CANDIDATES=(
   "convnet-pixel4x-host      $CONVNET $WIDE --objective host"
   "convnet-generator-host    $CONVNET $GENERATOR --objective host"
   "resnet-pixel-host         $RESNET $PIXEL --objective host"
+  "convnet-pixel-rca         $CONVNET $PIXEL --objective rca"
   "convnet-pixel-stars       $CONVNET $PIXEL --objective stars"
   "convnet-pixel4x-stars     $CONVNET $WIDE --objective stars"
   "convnet-generator-stars   $CONVNET $GENERATOR --objective stars"

@@ -12,7 +12,9 @@ previous sites' outputs at step t),
 .. math:: v_t = v_{t-1} + c_t,\quad z_t = [v_t \ge \lambda_l],\quad v_t \leftarrow v_t - \lambda_l z_t,
           \quad \text{output}\ \lambda_l z_t,\qquad v_0 = \lambda_l / 2
 
-(reset by subtraction, half-threshold start), so the mean output over T steps is the ANN's
+(reset by subtraction, half-threshold start; ``reset="zero"`` sets :math:`v_t \leftarrow 0` after a
+spike instead and ``start=0`` starts from :math:`v_0 = 0`, as NIR's ``IF`` node and Loihi do, which
+loses the remainder and rounds rates down), so the mean output over T steps is the ANN's
 :math:`\mathrm{clamp}(\mathrm{ReLU}(c), 0, \lambda_l)` up to a quantisation of
 :math:`\lambda_l / T` where the inputs are constant (the first site exactly). The threshold
 :math:`\lambda_l` is the ``percentile`` (99.9) of the ANN's positive activations at site l on
@@ -31,6 +33,8 @@ from stars_deploy.errors import ConfigError
 DEFAULT_PERCENTILE = 99.9
 CALIBRATION_VALUES = 1_000_000  # activations kept per site for its percentile (torch.quantile's limit is 2**24)
 RELU_FUNCTIONS = (F.relu, torch.relu)
+RESETS = ("subtract", "zero")  # what a spike does to the membrane: v -= threshold, or v = 0
+DEFAULT_START = 0.5  # v_0 as a fraction of the threshold (0.5 centres the rounding of the rate)
 
 
 class IFSite(nn.Module):
@@ -38,9 +42,9 @@ class IFSite(nn.Module):
     positive outputs (``calibrate``), or the integrate-and-fire neuron above (``snn``),
     keeping its membrane between calls until :meth:`reset`."""
 
-    def __init__(self):
+    def __init__(self, reset: str = "subtract", start: float = DEFAULT_START):
         super().__init__()
-        self.mode = "ann"
+        self.mode, self.reset_mode, self.start = "ann", reset, start
         self.register_buffer("threshold", torch.tensor(1.0))
         self.values: list[torch.Tensor] = []
         self.v: torch.Tensor | None = None
@@ -52,10 +56,10 @@ class IFSite(nn.Module):
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         if self.mode == "snn":
             if self.v is None:
-                self.v = torch.full_like(current, 0.5) * self.threshold
+                self.v = torch.full_like(current, self.start) * self.threshold
             self.v = self.v + current
             spikes = (self.v >= self.threshold).to(current.dtype)
-            self.v = self.v - spikes * self.threshold
+            self.v = self.v - spikes * self.threshold if self.reset_mode == "subtract" else self.v * (1 - spikes)
             self.spikes = self.spikes + spikes.sum()
             return spikes * self.threshold
         out = F.relu(current)
@@ -70,8 +74,12 @@ class ConvertedNetwork(nn.Module):
     """The teacher's traced graph with every ReLU an :class:`IFSite`. ``forward`` is the ANN
     (or the SNN's one step, in ``snn`` mode); :meth:`simulate` runs T steps."""
 
-    def __init__(self, teacher: nn.Module):
+    def __init__(self, teacher: nn.Module, reset: str = "subtract", start: float = DEFAULT_START):
         super().__init__()
+        if reset not in RESETS:
+            raise ConfigError(f"conversion: reset {reset!r}: choose one of {', '.join(RESETS)}")
+        if not 0 <= start < 1:
+            raise ConfigError(f"conversion: the start potential must be in [0, 1) thresholds, got {start}")
         try:
             graph = fx.symbolic_trace(teacher)
         except Exception as exc:
@@ -83,7 +91,7 @@ class ConvertedNetwork(nn.Module):
             if not _is_relu(node, graph):
                 continue
             name = f"if_site_{len(self.sites)}"
-            site = IFSite()
+            site = IFSite(reset, start)
             self.sites.append(site)
             graph.add_submodule(name, site)
             with graph.graph.inserting_after(node):

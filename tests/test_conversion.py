@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stars_deploy.conversion import ConvertedNetwork
+from stars_deploy.conversion import ConvertedNetwork, IFSite
 from stars_deploy.data import load_eval_data
 from stars_deploy.distillation.synthesis import PixelSynthesizer, SynthesisConfig
 from stars_deploy.errors import ConfigError
@@ -101,3 +101,23 @@ def test_a_teacher_without_relu_or_untraceable_is_refused_in_one_line():
         network.simulate(torch.zeros(1, 4), 0)
     with pytest.raises(ConfigError, match="percentile must be in"):
         network.calibrate(torch.zeros(1, 4), 0.0)
+
+
+@pytest.mark.parametrize("reset, start, spikes", [("subtract", 0.5, 6), ("zero", 0.5, 5), ("subtract", 0.0, 6),
+                                                  ("zero", 0.0, 5)])
+def test_a_constant_current_fires_as_the_reset_rule_says(reset, start, spikes):
+    # threshold 1, current 3/8 (exact in binary), 16 steps. By subtraction the remainder is kept:
+    # floor(v0 + 16 * 3/8) spikes, 6 from v0 = 1/2 and 6 from v0 = 0 (v reaches 6.0 at step 16,
+    # and the threshold test is >=). Reset to zero drops it: from the first spike on, one every
+    # ceil(8/3) = 3 steps: steps 2, 5, 8, 11, 14 from v0 = 1/2 and 3, 6, 9, 12, 15 from v0 = 0
+    site = IFSite(reset, start)
+    site.mode = "snn"
+    out = sum(site(torch.full((1,), 0.375)) for _ in range(16))
+    assert float(out) == spikes == float(site.spikes)
+
+
+def test_an_unknown_reset_is_refused(converted):
+    with pytest.raises(ConfigError, match="reset 'hold'"):
+        ConvertedNetwork(converted[0], reset="hold")
+    with pytest.raises(ConfigError, match="start potential"):
+        ConvertedNetwork(converted[0], start=1.0)

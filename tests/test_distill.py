@@ -147,9 +147,11 @@ def test_a_run_from_an_empty_teacher_cache_draws_what_a_cached_run_draws(tmp_pat
 def test_the_twin_strategy_synthesises_first_then_trains_the_twin(tmp_path, digits_teacher):
     from stars_deploy.distillation import distill
 
-    config = make_config(rounds=8, kd_steps=3, strategy="twin", synthesis_fraction=0.5, compile_student=False,
-                         synthesis={"batch_size": 16, "steps": 3}, eval_data="digits", eval_every=4,
-                         snapshot_every_s=1e-3)
+    # host: an objective that does not need the student (with rca, the auto objective of a twin
+    # run, the synthesis phase trains the twin too: the test after this one)
+    config = make_config("host", rounds=8, kd_steps=3, strategy="twin", synthesis_fraction=0.5,
+                         compile_student=False, synthesis={"batch_size": 16, "steps": 3}, eval_data="digits",
+                         eval_every=4, snapshot_every_s=1e-3)
     summary = distill(config, runs_dir=tmp_path)
     history = json.loads((Path(summary["run_dir"]) / "distill.json").read_text())["history"]
     assert [h["phase"] for h in history] == ["synthesis"] * 4 + ["kd"] * 4
@@ -206,3 +208,22 @@ def test_auto_strategy_depends_on_the_student_and_the_image_size():
     assert make_config(teacher=cifar, budget_s=60, lif={"tau_syn_steps": 3.0}).strategy == "direct"
     with pytest.raises(ConfigError, match="the resnet student has no rate twin"):
         make_config(teacher=cifar, budget_s=60, student={"family": "resnet", "depth": 8}, strategy="twin")
+
+
+def test_the_auto_objective_is_rca_on_the_twin_route_and_host_on_the_direct_route():
+    from stars_deploy.distillation.config import OBJECTIVES
+    from stars_deploy.distillation.options import config_from_options
+    from stars_deploy.teachers import TeacherSpec
+
+    cifar = TeacherSpec(arch="cifar_resnet20", weights="w.th")
+    twin = make_config(teacher=cifar, budget_s=60)
+    assert twin.objective == "rca" and twin.synthesis.l_rca == OBJECTIVES["rca"]["l_rca"] > 0
+    assert twin.b_rca == OBJECTIVES["rca"]["b_rca"] and twin.synthesis.needs_student
+    direct = make_config()  # digits: the direct route
+    assert direct.objective == "host" and direct.synthesis.l_rca == 0 and direct.b_rca == 0
+    # the route decides, not the teacher: a CIFAR teacher forced direct gets host, and a given objective wins
+    assert make_config(teacher=cifar, budget_s=60, strategy="direct").objective == "host"
+    assert make_config("host", teacher=cifar, budget_s=60).objective == "host"
+    assert make_config(teacher=cifar, budget_s=60, synthesis={"l_rca": 0.0}).synthesis.l_rca == 0
+    assert config_from_options({}).objective == "host"  # the CLI's default is auto too
+    assert config_from_options({"arch": "cifar_resnet20", "weights": "w.th"}).objective == "rca"

@@ -21,8 +21,8 @@ from stars_deploy.students.neurons import LIF_KERNELS, SURROGATES, LIFConfig
 from stars_deploy.teachers import ARCHITECTURES, NORMALIZATIONS, TeacherSpec
 
 from .augment import MIX_MODES
-from .config import (DEFAULT_BUDGET_S, DEFAULT_SYNTHESIS_FRACTION, HOSTS, KD_MODES, OBJECTIVES, STRATEGIES,
-                     TWIN_MIN_SIDE, TWIN_SYNTHESIS_DEFAULTS, DistillConfig, make_config)
+from .config import (AUTO_OBJECTIVE, DEFAULT_BUDGET_S, DEFAULT_SYNTHESIS_FRACTION, HOSTS, KD_MODES, OBJECTIVES,
+                     STRATEGIES, TWIN_MIN_SIDE, TWIN_SYNTHESIS_DEFAULTS, DistillConfig, make_config)
 from .generator import GENERATOR_STEPS, GENERATOR_Z_LR
 from .objectives import RCA_VARIANTS
 from .synthesis import COMPILE_MODES, GENERATOR_META, INITS, SYNTHESIS_METHODS, SynthesisConfig
@@ -91,8 +91,9 @@ DISTILL_OPTIONS = TEACHER_OPTIONS + (
            show_default=_default(LIFConfig, "surrogate")),
     Option("surrogate_alpha", "surrogate-alpha", float, None, "Surrogate sharpness.", STUDENT,
            show_default=_default(LIFConfig, "surrogate_alpha")),
-    Option("objective", "objective", str, "host", "host (BN + CE), rca, tar, or stars (host + RCA + TAR).",
-           OBJECTIVE, choices=lambda: list(OBJECTIVES)),
+    Option("objective", "objective", str, AUTO_OBJECTIVE, "host (BN + CE), rca, tar, or stars (host + RCA + TAR); "
+           "auto: rca on the twin route, host on the direct route.", OBJECTIVE,
+           choices=lambda: [AUTO_OBJECTIVE, *OBJECTIVES]),
     Option("host", "host", str, "deepinversion", "deepinversion (pixel optimisation) or adi (plus the "
            "competition term).", OBJECTIVE, choices=HOSTS),
     Option("l_bn", "l-bn", float, None, "Weight of L_BN.", OBJECTIVE, show_default=_default(SynthesisConfig, "l_bn")),
