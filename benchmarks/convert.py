@@ -89,9 +89,10 @@ def main() -> None:
                      "agreement": accuracy(predicted, teacher_pred),
                      "spikes_per_sample": spikes / len(images), "seconds": time.perf_counter() - begin})
         print(f"T {steps}: {rows[-1]['accuracy']:.1%}", file=sys.stderr, flush=True)
-    print(f"teacher {spec.arch} converted ({len(network.sites)} IF sites, reset {args.reset}, v0 {args.start:g} threshold), calibrated on {len(calibration)} "
-          f"synthetic images of {args.run.name} (percentile {args.percentile:g}); {len(images)} stratified "
-          f"images of {Path(args.data).name}; {platform.machine()} CPU, {torch.get_num_threads()} threads")
+    print(f"teacher {spec.arch} converted ({len(network.sites)} IF sites, reset {args.reset}, v0 {args.start:g} "
+          f"threshold), calibrated on {len(calibration)} synthetic images of {args.run.name} (percentile "
+          f"{args.percentile:g}); {len(images)} stratified images of {Path(args.data).name}; {platform.machine()} "
+          f"CPU, {torch.get_num_threads()} threads")
     print("| T | accuracy % | agreement with teacher % | spikes per sample | seconds |")
     print("|---|---|---|---|---|")
     for row in rows:

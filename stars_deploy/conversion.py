@@ -44,6 +44,10 @@ class IFSite(nn.Module):
 
     def __init__(self, reset: str = "subtract", start: float = DEFAULT_START):
         super().__init__()
+        if reset not in RESETS:
+            raise ConfigError(f"conversion: reset {reset!r}: choose one of {', '.join(RESETS)}")
+        if not 0 <= start < 1:
+            raise ConfigError(f"conversion: the start potential must be in [0, 1) thresholds, got {start}")
         self.mode, self.reset_mode, self.start = "ann", reset, start
         self.register_buffer("threshold", torch.tensor(1.0))
         self.values: list[torch.Tensor] = []
@@ -76,10 +80,6 @@ class ConvertedNetwork(nn.Module):
 
     def __init__(self, teacher: nn.Module, reset: str = "subtract", start: float = DEFAULT_START):
         super().__init__()
-        if reset not in RESETS:
-            raise ConfigError(f"conversion: reset {reset!r}: choose one of {', '.join(RESETS)}")
-        if not 0 <= start < 1:
-            raise ConfigError(f"conversion: the start potential must be in [0, 1) thresholds, got {start}")
         try:
             graph = fx.symbolic_trace(teacher)
         except Exception as exc:

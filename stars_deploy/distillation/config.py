@@ -39,8 +39,8 @@ OBJECTIVES = {
 }
 # "auto" (the default objective): host on the direct route, TWIN_OBJECTIVE on the twin route.
 # Measured on CIFAR-10 ResNet-20, 2-core EPYC with avx512_bf16, 2 seeds (benchmarks/README.md):
-# rca beat host by 2.2 points at 10 min on both seeds and at 20 min (43.7/46.3 against
-# 42.0/host seed 1); on digits (direct) host leads at equal wall clock (host-vs-stars-digits.md).
+# rca beat host on every seed, by 2.2 points at 10 min and by 5.2 at 20 min (43.7/46.3 % against
+# 42.0/37.6 %); on digits (direct) host leads at equal wall clock (host-vs-stars-digits.md).
 AUTO_OBJECTIVE = "auto"
 TWIN_OBJECTIVE = "rca"
 DIRECT_OBJECTIVE = "host"
