@@ -62,7 +62,8 @@ from stars_deploy.layout import export_dir
 from stars_deploy.units import text_table
 
 from .netx_format import NETX_FORMAT, InputStage, NetxLayer, NetxNetwork, NeuronConfig, conv_output_shape, write_network
-from .nir_export import export_nir, graph_layer_table
+from .nir_export import export_nir
+from .nir_format import graph_layer_table
 from .nir_format import decode_metadata, read_nir
 from .records import file_entries, merge_record
 from .registry import ExportOptions, export_kind

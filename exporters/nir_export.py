@@ -34,12 +34,9 @@ from stars_deploy.layout import STUDENT, export_dir
 from stars_deploy.students import LIFConfig, fold_student, load_student, student_family
 
 from .layers import LayerTable
-from .nir_format import NIR_FORMAT, encode_metadata, write_nir
+from .nir_format import NIR_FORMAT, encode_metadata, graph_layer_table, write_nir
 from .records import file_entries, merge_record
 from .registry import ExportOptions, export_kind
-
-WEIGHT_FIELDS = ("weight", "bias")
-
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy().astype(np.float32, copy=True)
@@ -146,29 +143,6 @@ def student_to_nir(student: nn.Module, class_names: list[str] | None = None,
                         type_check=True)
 
 
-def graph_layer_table(graph: nir.NIRGraph) -> list[dict]:
-    """The layer table of any NIR graph (a foreign file's too): one row per node in edge order."""
-    order = []
-    for source, target in graph.edges:
-        for name in (source, target):
-            if name not in order:
-                order.append(name)
-    order += [name for name in graph.nodes if name not in order]
-    rows = []
-    for name in order:
-        node = graph.nodes[name]
-        shape_in = next(iter(node.input_type.values()), None)
-        shape_out = next(iter(node.output_type.values()), None)
-        params = sum(int(np.asarray(getattr(node, f)).size) for f in WEIGHT_FIELDS if hasattr(node, f))
-        row = {"name": name, "type": type(node).__name__,
-               "input_shape": None if shape_in is None else [int(s) for s in shape_in],
-               "output_shape": None if shape_out is None else [int(s) for s in shape_out], "parameters": params}
-        if isinstance(node, nir.Conv2d):
-            row.update(kernel=[int(k) for k in node.weight.shape[2:]], stride=[int(s) for s in node.stride])
-        rows.append(row)
-    return rows
-
-
 def student_record(run_dir: Path, student: nn.Module, target: str, files: list[Path], rows: list[dict]) -> dict:
     """The export.json payload of a student export (shared by the student-file exports)."""
     config = student.config
@@ -180,7 +154,14 @@ def student_record(run_dir: Path, student: nn.Module, target: str, files: list[P
 
 
 def export_nir(run_dir: Path, options: ExportOptions = ExportOptions()) -> dict:
-    """``export --target nir``: RUN_DIR/export/student.nir and its export.json record."""
+    """``export --target nir``: RUN_DIR/export/student.nir and its export.json record (a
+    converted teacher's run: its network rebuilt from convert.json, stars_deploy/converter.py)."""
+    from stars_deploy.runs import is_converted
+
+    from .converted_nir import export_converted
+
+    if is_converted(run_dir):
+        return export_converted(run_dir, export_dir(run_dir) / export_kind("nir").file)
     spec = read_run_config(run_dir).teacher
     student = load_student(Path(run_dir) / STUDENT)
     mean, std = spec.mean_std

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import h5py
 import nir
+import numpy as np
 
 from .nir_validate import CHECKSUM_KEY, JSON_KEYS, NIRFormatError, decode_metadata, file_sha256, validate_file
 
@@ -53,6 +54,9 @@ METADATA_KEYS = ("format", "dt_s", "integrator", "reset", "state_init", "timeste
                  "class_names", "readout", "spike_layers", "student_family", CHECKSUM_KEY)  # all a writer of ours sets
 
 __all__ = ["NIR_FORMAT", "NIRFormatError", "decode_metadata", "encode_metadata", "nir_bytes", "read_nir", "write_nir"]
+
+
+WEIGHT_FIELDS = ("weight", "bias")  # the parameters a layer-table row counts
 
 
 def read_nir(path: Path) -> nir.NIRGraph:
@@ -113,3 +117,26 @@ def write_nir(path: Path, graph: nir.NIRGraph) -> None:
     from stars_deploy.fileio import write_bytes
 
     write_bytes(Path(path), nir_bytes(graph))
+
+
+def graph_layer_table(graph: nir.NIRGraph) -> list[dict]:
+    """The layer table of any NIR graph (a foreign file's too): one row per node in edge order."""
+    order = []
+    for source, target in graph.edges:
+        for name in (source, target):
+            if name not in order:
+                order.append(name)
+    order += [name for name in graph.nodes if name not in order]
+    rows = []
+    for name in order:
+        node = graph.nodes[name]
+        shape_in = next(iter(node.input_type.values()), None)
+        shape_out = next(iter(node.output_type.values()), None)
+        params = sum(int(np.asarray(getattr(node, f)).size) for f in WEIGHT_FIELDS if hasattr(node, f))
+        row = {"name": name, "type": type(node).__name__,
+               "input_shape": None if shape_in is None else [int(s) for s in shape_in],
+               "output_shape": None if shape_out is None else [int(s) for s in shape_out], "parameters": params}
+        if isinstance(node, nir.Conv2d):
+            row.update(kernel=[int(k) for k in node.weight.shape[2:]], stride=[int(s) for s in node.stride])
+        rows.append(row)
+    return rows

@@ -77,8 +77,14 @@ def export_run(path: Path, target: str = "nir", teacher: bool = False, dt_s: flo
                timesteps: int | None = None) -> dict:
     """Export ``path`` (a run directory, or a foreign file the kind lowers) for ``target``
     into RUN_DIR/export/ (or beside the file) and return the export.json payload."""
+    from stars_deploy.runs import is_converted
+
     kind = export_kind(target)
     path = Path(path)
+    if path.is_dir() and is_converted(path) and target != "nir":
+        raise ConfigError(f"{path} holds a converted teacher, which exports to NIR only (--target nir; `convert` "
+                          "wrote export/student.nir already): Loihi resets to zero and netx holds no residual "
+                          "additions; ONNX exports distilled students")
     if path.is_file() and kind.foreign_suffix is None:
         raise ConfigError(f"--target {target} exports a run directory; only "
                           f"{', '.join(k.name for k in EXPORTS.values() if k.foreign_suffix)} take a file")

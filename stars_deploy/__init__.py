@@ -10,7 +10,7 @@ The Python API (stars_deploy/api.py) is importable from here, loaded on first us
 
 from .version import __version__
 
-API = ("distill", "export", "simulate", "check", "report", "load_student", "load_teacher", "doctor")
+API = ("distill", "convert", "export", "simulate", "check", "report", "load_student", "load_teacher", "doctor")
 __all__ = ["__version__", *API]
 
 

@@ -4,6 +4,7 @@
 
     run = sd.distill(my_model, input_shape=(3, 32, 32), normalization="imagenet", num_classes=10,
                      data="test.npz", budget_s=600)          # any nn.Module with BatchNorm layers
+    spiking = sd.convert(my_model, input_shape=(3, 32, 32), normalization="imagenet", timesteps=32)
     sd.export(run["run_dir"], "loihi")
     result = sd.simulate(run["run_dir"], "loihi", samples=200)
     gates = sd.check(run["run_dir"], "loihi", min_accuracy=0.5, max_accuracy_drop=0.02)
@@ -45,6 +46,30 @@ def _distill_options(options: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _teacher_spec(caller: str, teacher: str | nn.Module, weights, input_shape, normalization: str,
+                  num_classes: int, class_names=None, hflip: bool | None = None):
+    """The TeacherSpec of the API's teacher arguments: a module (held for this process) or
+    what the command line's --teacher takes."""
+    from dataclasses import replace
+
+    from .distillation.options import teacher_spec
+    from .teachers import TeacherSpec
+    from .teachers.sources import MODULE, hold_module
+
+    if isinstance(teacher, nn.Module):
+        if input_shape is None:
+            raise ConfigError(f"{caller}(teacher=module): give input_shape=(C, H, W)")
+        spec = TeacherSpec(arch=MODULE, factory=hold_module(teacher), weights=str(weights) if weights else None,
+                           normalization=normalization, num_classes=num_classes, shape=tuple(input_shape),
+                           hflip=hflip, class_names=tuple(class_names or ()))
+        spec.mean_std  # validates the normalisation against the channels
+        return spec
+    shape = ",".join(str(s) for s in input_shape) if input_shape else None
+    spec = teacher_spec(str(teacher), Path(weights) if weights else None, normalization, num_classes, shape,
+                        no_hflip=hflip is False)
+    return replace(spec, class_names=tuple(class_names or ()))
+
+
 def distill(teacher: str | nn.Module = "digits_cnn", *, weights: str | Path | None = None,
             input_shape: tuple[int, int, int] | None = None, normalization: str = "", num_classes: int = 10,
             class_names: list[str] | None = None, hflip: bool | None = None, runs_dir: str | Path = "runs",
@@ -57,30 +82,33 @@ def distill(teacher: str | nn.Module = "digits_cnn", *, weights: str | Path | No
     the run later needs it again). ``options``: every ``stars-deploy distill`` option by its
     Python name, e.g. ``budget_s=600, family="convnet", timesteps=4, data="test.npz"``.
     ``resume``: continue that run directory (the other arguments are ignored)."""
-    from dataclasses import replace
-
     from .distillation import distill as run_distill
-    from .distillation.options import config_from_options, teacher_spec
-    from .teachers import TeacherSpec
-    from .teachers.sources import MODULE, hold_module
+    from .distillation.options import config_from_options
 
     if resume is not None:
         return run_distill(None, runs_dir=Path(runs_dir), resume=Path(resume))
     values = _distill_options(options)
-    if isinstance(teacher, nn.Module):
-        if input_shape is None:
-            raise ConfigError("distill(teacher=module): give input_shape=(C, H, W)")
-        spec = TeacherSpec(arch=MODULE, factory=hold_module(teacher), weights=str(weights) if weights else None,
-                           normalization=normalization, num_classes=num_classes, shape=tuple(input_shape),
-                           hflip=hflip, class_names=tuple(class_names or ()))
-        spec.mean_std  # validates the normalisation against the channels
-    else:
-        shape = ",".join(str(s) for s in input_shape) if input_shape else None
-        spec = teacher_spec(teacher, Path(weights) if weights else None, normalization, num_classes, shape,
-                            no_hflip=hflip is False)
-        spec = replace(spec, class_names=tuple(class_names or ()))
+    spec = _teacher_spec("distill", teacher, weights, input_shape, normalization, num_classes, class_names, hflip)
     config = config_from_options(values, teacher=spec)
     return run_distill(config, runs_dir=Path(runs_dir), run_name=name)
+
+
+def convert(teacher: str | nn.Module = "digits_cnn", *, weights: str | Path | None = None,
+            input_shape: tuple[int, int, int] | None = None, normalization: str = "", num_classes: int = 10,
+            class_names: list[str] | None = None, data: str | None = None, runs_dir: str | Path = "runs",
+            name: str | None = None, calibrate_on: str | Path | None = None, **options) -> dict:
+    """Convert ``teacher`` itself into a spiking network in a new run directory (what
+    ``stars-deploy convert --json`` prints): the teacher arguments as for :func:`distill`;
+    ``data``: simulate the NIR file on it at the end; ``options``: ``timesteps``,
+    ``calibration_images``, ``percentile``, ``samples``, ``device``, ``seed``, ``dt_s``."""
+    from .converter import CONVERT_OPTIONS, convert as run_convert
+
+    unknown = sorted(set(options) - set(CONVERT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"convert(): unknown option {unknown[0]!r}; options are {', '.join(CONVERT_OPTIONS)}")
+    spec = _teacher_spec("convert", teacher, weights, input_shape, normalization, num_classes, class_names)
+    return run_convert(spec, eval_data=data, runs_dir=Path(runs_dir), run_name=name,
+                       calibrate_on=Path(calibrate_on) if calibrate_on is not None else None, **options)
 
 
 def export(run_dir: str | Path, target: str = "nir", *, teacher: bool = False, dt_s: float | None = None,
@@ -144,22 +172,13 @@ def load_teacher(teacher: str | Path | nn.Module = "digits_cnn", *, weights: str
     a run directory's teacher, a named architecture with ``weights``, a
     ``package.module:function``, a ``.pt2`` file, or an ``nn.Module``."""
     from .distillation import read_run_config
-    from .distillation.options import teacher_spec
-    from .teachers import TeacherSpec
     from .teachers import load_teacher as load
-    from .teachers.sources import MODULE, hold_module
     from .teachers.training import teacher_weights
 
-    if isinstance(teacher, nn.Module):
-        if input_shape is None:
-            raise ConfigError("load_teacher(module): give input_shape=(C, H, W)")
-        spec = TeacherSpec(arch=MODULE, factory=hold_module(teacher), num_classes=num_classes,
-                           shape=tuple(input_shape), normalization=normalization)
-    elif Path(teacher).is_dir():
+    if not isinstance(teacher, nn.Module) and Path(teacher).is_dir():
         spec = read_run_config(Path(teacher)).teacher
     else:
-        shape = ",".join(str(s) for s in input_shape) if input_shape else None
-        spec = teacher_spec(str(teacher), Path(weights) if weights else None, normalization, num_classes, shape)
+        spec = _teacher_spec("load_teacher", teacher, weights, input_shape, normalization, num_classes)
     return load(spec, teacher_weights(spec))
 
 

@@ -9,14 +9,20 @@ unchanged on every step. The input is the normalised image, constant on every st
 encoding). At site l, with input current :math:`c_t` (the pre-activation computed from the
 previous sites' outputs at step t),
 
-.. math:: v_t = v_{t-1} + c_t,\quad z_t = [v_t \ge \lambda_l],\quad v_t \leftarrow v_t - \lambda_l z_t,
+.. math:: v_t = v_{t-1} + c_t,\quad z_t = [v_t > \lambda_l],\quad v_t \leftarrow v_t - \lambda_l z_t,
           \quad \text{output}\ \lambda_l z_t,\qquad v_0 = \lambda_l / 2
 
 (reset by subtraction, half-threshold start; ``reset="zero"`` sets :math:`v_t \leftarrow 0` after a
 spike instead and ``start=0`` starts from :math:`v_0 = 0`, as NIR's ``IF`` node and Loihi do, which
-loses the remainder and rounds rates down), so the mean output over T steps is the ANN's
+loses the remainder and rounds rates down: on the CIFAR ResNet-20 it leaves the converted network at
+chance, benchmarks/README.md), so the mean output over T steps is the ANN's
 :math:`\mathrm{clamp}(\mathrm{ReLU}(c), 0, \lambda_l)` up to a quantisation of
-:math:`\lambda_l / T` where the inputs are constant (the first site exactly). The threshold
+:math:`\lambda_l / T` where the inputs are constant (the first site exactly). The site computes
+this in the form NIR can hold (exporters/converted_nir.py), with :math:`w = v - v_0`:
+:math:`w_t = w_{t-1} + (c_t + f_{t-1})`, :math:`z_t = [w_t - \lambda_l (1 - s) > 0]`,
+:math:`f_t = -\lambda_l z_t` (s = ``start``; an integrator, a threshold and the reset fed back one
+step later), so its spikes and the exported graph's are the same float operations.
+The threshold
 :math:`\lambda_l` is the ``percentile`` (99.9) of the ANN's positive activations at site l on
 the calibration images (robust normalisation, Rueckauer et al. 2017). A max-pooling teacher
 converts too, but max over spikes is not max over rates: expect a loss there.
@@ -24,9 +30,13 @@ converts too, but max over spikes is not max over rates: expect a loss there.
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.experimental.optimization import fuse
 
 from stars_deploy.errors import ConfigError
 
@@ -40,7 +50,7 @@ DEFAULT_START = 0.5  # v_0 as a fraction of the threshold (0.5 centres the round
 class IFSite(nn.Module):
     """One converted ReLU: the ReLU itself (``ann``), the ReLU recording a sample of its
     positive outputs (``calibrate``), or the integrate-and-fire neuron above (``snn``),
-    keeping its membrane between calls until :meth:`reset`."""
+    keeping its state (``w``, the reset ``feedback``) between calls until :meth:`reset`."""
 
     def __init__(self, reset: str = "subtract", start: float = DEFAULT_START):
         super().__init__()
@@ -51,19 +61,27 @@ class IFSite(nn.Module):
         self.mode, self.reset_mode, self.start = "ann", reset, start
         self.register_buffer("threshold", torch.tensor(1.0))
         self.values: list[torch.Tensor] = []
-        self.v: torch.Tensor | None = None
+        self.w: torch.Tensor | None = None
+        self.feedback: torch.Tensor | None = None
         self.spikes: torch.Tensor | float = 0.0  # summed on the device, read once per simulation
 
+    def fire_level(self) -> torch.Tensor:
+        """The level ``w`` must exceed to spike: :math:`\\lambda (1 - s)` (float32, as exported)."""
+        return self.threshold * (1 - self.start)
+
     def reset(self) -> None:
-        self.v, self.spikes = None, 0.0
+        self.w, self.feedback, self.spikes = None, None, 0.0
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         if self.mode == "snn":
-            if self.v is None:
-                self.v = torch.full_like(current, self.start) * self.threshold
-            self.v = self.v + current
-            spikes = (self.v >= self.threshold).to(current.dtype)
-            self.v = self.v - spikes * self.threshold if self.reset_mode == "subtract" else self.v * (1 - spikes)
+            if self.w is None:
+                self.w, self.feedback = torch.zeros_like(current), torch.zeros_like(current)
+            self.w = self.w + (current + self.feedback)
+            spikes = torch.gt(self.w - self.fire_level(), 0.0).to(current.dtype)
+            if self.reset_mode == "subtract":
+                self.feedback = spikes * -self.threshold
+            else:  # v = 0 after a spike, i.e. w = -s lambda
+                self.w = (1 - spikes) * self.w + spikes * (-self.start * self.threshold)
             self.spikes = self.spikes + spikes.sum()
             return spikes * self.threshold
         out = F.relu(current)
@@ -75,13 +93,14 @@ class IFSite(nn.Module):
 
 
 class ConvertedNetwork(nn.Module):
-    """The teacher's traced graph with every ReLU an :class:`IFSite`. ``forward`` is the ANN
+    """The teacher's traced graph, BatchNorm folded into its convolutions, with every ReLU an
+    :class:`IFSite`. ``forward`` is the ANN
     (or the SNN's one step, in ``snn`` mode); :meth:`simulate` runs T steps."""
 
     def __init__(self, teacher: nn.Module, reset: str = "subtract", start: float = DEFAULT_START):
         super().__init__()
-        try:
-            graph = fx.symbolic_trace(teacher)
+        try:  # every conv -> BatchNorm pair folded (eval mode): the weights the NIR graph holds
+            graph = fuse(copy.deepcopy(teacher).eval(), inplace=True)
         except Exception as exc:
             raise ConfigError(f"conversion: the teacher's forward cannot be traced by torch.fx "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
@@ -134,6 +153,16 @@ class ConvertedNetwork(nn.Module):
             site.threshold.fill_(float(torch.quantile(values, percentile / 100)))
             thresholds.append(float(site.threshold))
         return thresholds
+
+    @torch.no_grad()
+    def set_thresholds(self, thresholds: list[float]) -> None:
+        """Every site's threshold, in site order (what :meth:`calibrate` returned for this teacher)."""
+        values = [float(t) for t in thresholds]
+        if len(values) != len(self.sites) or not all(math.isfinite(t) and t > 0 for t in values):
+            raise ConfigError(f"conversion: {len(values)} thresholds for {len(self.sites)} sites; each must be a "
+                              "positive finite number")
+        for site, value in zip(self.sites, values):
+            site.threshold.fill_(value)
 
     @torch.no_grad()
     def simulate(self, images: torch.Tensor, timesteps: int) -> tuple[torch.Tensor, float]:

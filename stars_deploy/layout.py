@@ -9,6 +9,9 @@
       export/            the exported files (exporters/registry.py names them) + export.json
       simulate-<target>-<request>.json   one per simulation request (data, samples, reference...)
       check-<target>.json (the last gates), report.html, report.md, plots/
+
+    A converted teacher's run (``stars-deploy convert``, converter.py) holds convert.json instead of
+    manifest.json, student.pt and distill.json; its export/ and simulate-* files are as above.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 STUDENT = "student.pt"
 DISTILL = "distill.json"
+CONVERT = "convert.json"
 CHECKPOINT = "checkpoint.pt"
 POOL_DIR = "pool"
 EXPORT_DIR = "export"

@@ -26,9 +26,10 @@ import torch
 from .version import __version__
 from .errors import CheckpointError, ConfigError
 from .fileio import read_json, remove_orphans
-from .layout import EXPORT_DIR, MANIFEST, POOL_DIR, STUDENT
+from .layout import CONVERT, EXPORT_DIR, MANIFEST, POOL_DIR, STUDENT
 
 RUN_FORMAT = "stars-deploy/run-v1"
+CONVERT_FORMAT = "stars-deploy/convert-v1"  # convert.json, a converted teacher's run (converter.py)
 RUNNING, INTERRUPTED, COMPLETE = "running", "interrupted", "complete"
 STATUSES = (RUNNING, INTERRUPTED, COMPLETE)
 # Temporary files of an atomic write older than this are orphans of a killed process: a live
@@ -78,6 +79,37 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     if isinstance(dt_s, bool) or not isinstance(dt_s, (int, float)) or not math.isfinite(dt_s) or dt_s <= 0:
         refuse(f"key 'dt_s' is {dt_s!r}, expected a positive number of seconds")
     return manifest
+
+
+def read_convert_record(run_dir: Path) -> dict | None:
+    """RUN_DIR/convert.json with its teacher rebuilt as ``record["spec"]`` (a TeacherSpec), or
+    None where the run was not converted; a record that is not one is refused, naming the file."""
+    path = Path(run_dir) / CONVERT
+    if not path.is_file():
+        return None
+    record = read_json(path, "convert record")
+    problem = None
+    if not isinstance(record, dict) or record.get("format") != CONVERT_FORMAT:
+        problem = f"it is not a stars-deploy convert record (format {CONVERT_FORMAT})"
+    elif not isinstance(record.get("teacher"), dict):
+        problem = "its teacher is missing"
+    else:
+        values = dict(record["teacher"])
+        values["class_names"] = tuple(values.get("class_names") or ())
+        from .teachers import TeacherSpec
+
+        try:
+            record["spec"] = TeacherSpec(**values)
+        except (TypeError, ValueError, ConfigError) as exc:
+            problem = f"its teacher does not describe one ({exc})"
+    if problem:
+        raise CheckpointError(f"convert record {path}: {problem}; restore it or convert again")
+    return record
+
+
+def is_converted(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a converted teacher (convert.json) rather than a student."""
+    return (Path(run_dir) / CONVERT).is_file()
 
 
 def open_run(run_dir: Path, older_than_s: float = ORPHAN_AGE_S) -> list[Path]:
@@ -147,8 +179,13 @@ def timestamp() -> str:
 
 
 def latest_run(runs_dir: Path = Path("runs")) -> Path:
-    """The most recently created run directory under ``runs_dir`` that has a student."""
-    runs = [p.parent for p in Path(runs_dir).glob(f"*/{STUDENT}")]
+    """The most recently created run directory under ``runs_dir`` that has a student, or a
+    converted teacher (convert.json)."""
+    runs = [p.parent for name in (STUDENT, CONVERT) for p in Path(runs_dir).glob(f"*/{name}")]
     if not runs:
         raise ConfigError(f"no finished run under {runs_dir}/: run `stars-deploy distill` first or name RUN_DIR")
-    return max(runs, key=lambda p: (p / MANIFEST).stat().st_mtime if (p / MANIFEST).exists() else 0)
+
+    def created(run: Path) -> float:
+        record = run / MANIFEST if (run / MANIFEST).exists() else run / CONVERT
+        return record.stat().st_mtime if record.exists() else 0
+    return max(runs, key=created)

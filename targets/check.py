@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stars_deploy.runs import is_converted
 from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import write_json
 from stars_deploy.layout import STUDENT, check_file
@@ -12,10 +13,11 @@ from stars_deploy.progress import log
 from stars_deploy.runs import timestamp
 
 from .gates import GATES, evaluate, load_check_config, measured_values
-from .registry import REFERENCE_STUDENT, get_target
+from .registry import REFERENCE_NONE, REFERENCE_STUDENT, get_target
 from .simulate import resolve_file, run_eval_data, simulate, simulation_request, stored_result
 
 DEFAULT_TARGET = "loihi"  # what CI gates when neither --target nor the config names one
+CONVERTED_TARGET = "nir"  # the same for a converted teacher's run (stars-deploy convert: NIR only)
 
 
 def check(run_dir: Path, target: str | None = None, limits: dict | None = None, data: str | None = None,
@@ -25,11 +27,12 @@ def check(run_dir: Path, target: str | None = None, limits: dict | None = None, 
     file's. Returns the gate rows, the measured values and whether every gate passed (with no
     gates at all: the measurements, and passed)."""
     run_dir = Path(run_dir)
-    if not (run_dir / STUDENT).is_file():
+    converted = is_converted(run_dir)  # a converted teacher: no float student to compare with
+    if not (run_dir / STUDENT).is_file() and not converted:
         raise ConfigError(f"{run_dir} is not a run directory (no {STUDENT}): check compares a target with "
                           "the run's float student")
     settings, config_file = load_check_config(config, None, config_directory)
-    target = target or settings.get("target") or DEFAULT_TARGET
+    target = target or settings.get("target") or (CONVERTED_TARGET if converted else DEFAULT_TARGET)
     spec = get_target(target)
     if config_file is not None:  # now that the target is known, with its own sub-table
         settings, _ = load_check_config(config_file, target)
@@ -43,13 +46,14 @@ def check(run_dir: Path, target: str | None = None, limits: dict | None = None, 
     if samples is not None and samples < 1:
         raise ConfigError(f"samples must be at least 1, got {samples}")
     file, _ = resolve_file(run_dir, spec)
-    request = simulation_request(data, samples, REFERENCE_STUDENT)
+    compare = REFERENCE_NONE if converted else REFERENCE_STUDENT
+    request = simulation_request(data, samples, compare)
     summary = None if rerun else stored_result(run_dir, target, file, request)
     reused = summary is not None
     if reused:
         log(f"{target}: reusing {summary['result_file']} (made from this {file} with this request)")
     else:
-        summary = simulate(run_dir, target, data, samples, compare=REFERENCE_STUDENT, device=device)
+        summary = simulate(run_dir, target, data, samples, compare=compare, device=device)
     values = measured_values(summary)
     rows = evaluate(gates, values)
     result = {"run_dir": str(run_dir), "target": target, "file": str(file), "data": summary["data"],

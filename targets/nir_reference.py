@@ -37,6 +37,8 @@ CONVENTIONS = """\
            g = 1 within float32 rounding, i.e. w_in = tau_syn/dt, it is Norse's update)
   LI       v += dt/tau * (r x + v_leak - v), output v (no spikes)
   IF       v += dt * r x
+  I        v += dt * r x, output v (an integrator: with a Threshold and a Scale fed back into it,
+           reset by subtraction, as a converted teacher's graph holds it: exporters/converted_nir.py)
   spike z = [v - v_threshold > 0] (strict), then v = (1 - z) v + z v_reset ("reset = value");
   v starts at v_leak, i at 0 (0 for IF), at the start of every sample. These are Norse's
   operation orders with float32 rates ``1/tau`` computed in float64, so a Norse student and
@@ -60,13 +62,16 @@ CONVENTIONS = """\
 """
 LATENCY_NOTE = "float reference: no synaptic or pipeline delay; the decision is read after T steps"
 SPIKING = (nir.IF, nir.LIF, nir.CubaLIF, nir.Threshold)
-STATEFUL = (nir.IF, nir.LI, nir.LIF, nir.CubaLIF)
+STATEFUL = (nir.IF, nir.I, nir.LI, nir.LIF, nir.CubaLIF)
 STATELESS = (nir.Affine, nir.Linear, nir.Scale, nir.Conv2d, nir.Flatten, nir.SumPool2d,
              nir.AvgPool2d, nir.Threshold)
 SUPPORTED = (nir.Input, nir.Output) + STATEFUL + STATELESS
 MAX_EULER_RATIO = 1.0  # dt / tau above this: explicit Euler overshoots the fixed point
 MAX_PLAUSIBLE_TAU_STEPS = 1e4  # tau / dt above this: the neuron barely leaks or integrates at this dt
 MIN_PLAUSIBLE_IF_GAIN = 1e-2  # T dt r below this: an IF takes under 1 % of its input in a sample
+# What one batch's values may take: every node's output is kept for all T steps (the spikes are
+# recorded, the merges read their sources), so a converted ResNet at T = 32 runs ~30 samples at a time
+BATCH_MEMORY_BYTES = 2 * 2**30
 UNIT_GAIN_TOLERANCE = 1e-6  # |w_in dt / tau_syn - 1| below this is 1 (float32 rounding of tau_syn / dt)
 
 
@@ -132,6 +137,16 @@ class NIRReference:
         self.plan = self._plan(self._cycles())
         self.order = [name for component in self.plan for name in component]
         self.ops = {name: self._compile(name, graph.nodes[name]) for name in self.order}
+        self.max_batch = self._max_batch()
+
+    def _max_batch(self) -> int:
+        """The most samples per call whose values fit BATCH_MEMORY_BYTES (float32, all T steps)."""
+        per_step = 0
+        for node in self.graph.nodes.values():
+            shape = next(iter(node.output_type.values()), None) if node.output_type else None
+            if shape is not None and all(s is not None for s in np.atleast_1d(shape)):
+                per_step += int(np.prod(np.atleast_1d(shape).astype(np.int64)))
+        return max(1, BATCH_MEMORY_BYTES // max(1, 4 * per_step * max(self.timesteps, 1)))
 
     # ---- validation -------------------------------------------------------------------------
     def _check_metadata(self) -> None:
@@ -338,6 +353,10 @@ class NIRReference:
         if isinstance(node, nir.LI):
             self._check_tau(name, node.tau)
             return self._li(node)
+        if isinstance(node, nir.I):
+            if not np.isfinite(self.dt_s) or self.dt_s <= 0:
+                raise NIRFormatError(f"{self.source}: node {name!r} (I) needs metadata dt_s; give --dt-s SECONDS")
+            return self._integrator(node)
         if isinstance(node, nir.IF):
             if not np.isfinite(self.dt_s) or self.dt_s <= 0:
                 raise NIRFormatError(f"{self.source}: node {name!r} (IF) needs metadata dt_s; give --dt-s SECONDS")
@@ -420,6 +439,14 @@ class NIRReference:
             v = (torch.zeros_like(x) if state is None else state) + dt * r * x
             z = torch.gt(v - v_th, 0.0).to(v.dtype)
             return z, (1 - z) * v + z * v_reset
+        return step
+
+    def _integrator(self, node: nir.I):
+        dt, r = self.dt_s, _parameter(node.r, self.device)
+
+        def step(x, state):
+            v = (torch.zeros_like(x) if state is None else state) + dt * r * x
+            return v, v
         return step
 
     # ---- execution --------------------------------------------------------------------------
@@ -565,13 +592,18 @@ class NIRReference:
 
     def _synops(self, name: str, spikes: torch.Tensor) -> float:
         """Synaptic events caused by ``spikes`` (T, B, ...) of node ``name``: each spike times
-        the number of connections leaving its neuron, through Flatten nodes."""
+        the number of connections leaving its neuron, through Flatten and Scale nodes; a Scale
+        fed back into an integrator (a reset by subtraction) is the neuron's own, not a synapse."""
         flat = spikes.flatten(0, 1)
         total = 0.0
         for target_name in self.successors[name]:
             node = self.graph.nodes[target_name]
             if isinstance(node, nir.Flatten):
                 total += self._synops(target_name, self.ops[target_name](flat).unflatten(0, spikes.shape[:2]))
+            elif isinstance(node, nir.Scale):
+                if not any((target_name, after) in self.delayed and isinstance(self.graph.nodes[after], nir.I)
+                           for after in self.successors[target_name]):
+                    total += self._synops(target_name, spikes)
             elif isinstance(node, (nir.Affine, nir.Linear)):
                 total += float(flat.sum()) * int(np.asarray(node.weight).shape[0])
             elif isinstance(node, nir.Conv2d) and int(node.groups) == 1:

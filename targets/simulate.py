@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from stars_deploy.runs import is_converted, read_convert_record
 from stars_deploy.data import load_eval_data
 from stars_deploy.devices import resolve_device
 from stars_deploy.distillation.config import read_run_config
@@ -64,7 +65,7 @@ def resolve_file(path: Path, target: Target) -> tuple[Path, Path | None]:
                               f"{target.export} {path}` first")
         return candidate, path
     run_dir = path.parent.parent
-    return path, run_dir if (run_dir / STUDENT).is_file() else None
+    return path, run_dir if (run_dir / STUDENT).is_file() or is_converted(run_dir) else None
 
 
 def model_inputs(metadata: dict, images: torch.Tensor) -> torch.Tensor:
@@ -74,10 +75,19 @@ def model_inputs(metadata: dict, images: torch.Tensor) -> torch.Tensor:
 
 
 def run_eval_data(run_dir: Path | None) -> str:
-    """The data a run was evaluated on during distillation (its manifest), else the digits;
-    a run of another input shape distilled without evaluation data is refused (the digits
-    would not fit its student)."""
-    if run_dir is not None and (Path(run_dir) / MANIFEST).is_file():
+    """The data a run was evaluated on during distillation (its manifest) or conversion (its
+    convert.json), else the digits; a run of another input shape without evaluation data is
+    refused (the digits would not fit its network)."""
+    converted = read_convert_record(run_dir) if run_dir is not None else None
+    if converted is not None:
+        if converted.get("eval_data"):
+            return str(converted["eval_data"])
+        shape = tuple(converted["spec"].input_shape)
+        if shape != DIGITS_SHAPE:
+            raise ConfigError(f"{run_dir} was converted without evaluation data and its network takes "
+                              f"{'x'.join(map(str, shape))} inputs, not the digits: give --data (an .npz or "
+                              "CIFAR folder of such images)")
+    elif run_dir is not None and (Path(run_dir) / MANIFEST).is_file():
         config = read_run_config(run_dir)
         if config.eval_data:
             return config.eval_data
@@ -95,6 +105,8 @@ def _reference_runner(compare: str, target: Target, file: Path, run_dir: Path | 
     if compare == REFERENCE_STUDENT:
         if run_dir is None:
             raise ConfigError(f"{file} is not inside a run directory: use --compare none or a target")
+        if not (run_dir / STUDENT).is_file():
+            raise ConfigError(f"{run_dir} holds a converted teacher, not a student: use --compare none")
         from stars_deploy.students import fold_student, load_student
 
         student = fold_student(load_student(run_dir / STUDENT)).to(options.device)
@@ -150,7 +162,8 @@ def simulate(path: Path, target: str = "nir", data: str | None = None, samples: 
     a run (layout.simulation_file: one file per request)."""
     spec = get_target(target)
     file, run_dir = resolve_file(path, spec)
-    compare = compare or (REFERENCE_STUDENT if run_dir is not None and inputs is None else REFERENCE_NONE)
+    has_student = run_dir is not None and (run_dir / STUDENT).is_file()
+    compare = compare or (REFERENCE_STUDENT if has_student and inputs is None else REFERENCE_NONE)
     if compare not in compare_choices(spec):
         raise ConfigError(f"--compare {compare!r}: choose one of {', '.join(compare_choices(spec))}")
     if inputs is not None and (data is not None or compare == REFERENCE_STUDENT):
@@ -172,7 +185,8 @@ def simulate(path: Path, target: str = "nir", data: str | None = None, samples: 
         images, labels, data_name = model_inputs(runner.metadata, eval_data.images), eval_data.labels, eval_data.name
     compared = [] if compare in (REFERENCE_STUDENT, REFERENCE_NONE) else [get_target(compare)]
     whole = any(t.whole_batch for t in (spec, *compared))  # Lava builds one network per call: all samples at once
-    result = _run_batches(run, reference, images, len(images) if whole else BATCH)
+    batch = len(images) if whole else min(BATCH, getattr(runner, "max_batch", BATCH))
+    result = _run_batches(run, reference, images, batch)
     summary = summarize(result, labels, energy=spec.energy, loihi2_pj_per_op=loihi2_pj_per_op)
     request = simulation_request(data if inputs is None else f"inputs:{inputs}", samples, compare, dt_s,
                                  timesteps, loihi2_pj_per_op)

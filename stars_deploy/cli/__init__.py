@@ -1,7 +1,7 @@
 """The ``stars-deploy`` command line: it parses options and calls one library function each.
 
 This entry module only builds the group and registers the commands of its sibling modules
-(distill, teacher, deploy: export and simulate, ci: check, report, pipeline, doctor); they share
+(distill, convert, teacher, deploy: export and simulate, ci: check, report, pipeline, doctor); they share
 common.py and never import this module.
 
 Every error the user can fix (a StarsDeployError, or click's own usage errors) prints one
@@ -28,6 +28,7 @@ from stars_deploy.progress import set_quiet, set_verbose, verbose
 
 from .ci import check, pipeline, report
 from .common import to_json
+from .convert import convert
 from .deploy import export, simulate
 from .doctor import doctor
 from .distill import distill
@@ -49,7 +50,7 @@ def cli(quiet, verbose):
     set_verbose(verbose)
 
 
-for _command in (distill, teacher, export, simulate, check, report, pipeline, doctor):
+for _command in (distill, convert, teacher, export, simulate, check, report, pipeline, doctor):
     cli.add_command(_command)
 
 

@@ -56,7 +56,7 @@ def gate_options(function):
 @click.command(cls=TopicCommand)
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @option("--target", type=LazyChoice(target_names), default=None, topic="Target",
-        show_default="the config's, else loihi", help="Target to gate.")
+        show_default="the config's, else loihi (nir for a converted teacher)", help="Target to gate.")
 @gate_options
 @option("--data", default=None, topic="Evaluation", show_default="the run's evaluation data",
         help="digits, a .npz file or a CIFAR folder.")
