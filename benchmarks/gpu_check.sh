@@ -5,8 +5,8 @@
 #      synthesis objective with the host-device synchronisations of one round);
 #   2. at once, each on a share of the GPU: the CIFAR-10 candidates (CANDIDATES below, one
 #      cifar10.py run each), benchmarks/cuda_checks.py (CUDA against CPU: Loihi emulator, NIR
-#      reference, compiled LIF, bf16 teacher) and torchrun with 1 process against the plain
-#      command (benchmarks/torchrun_compare.py);
+#      reference, compiled LIF, bf16 teacher), torchrun with 1 process against the plain
+#      command (benchmarks/torchrun_compare.py) and `stars-deploy convert` of the teacher;
 #   3. packing: everything into $OUT/results.tar.gz plus a short $OUT/summary.md, then a check
 #      that $OUT comes back whole (8 files, 16 MiB each), then summary.md printed last, so it
 #      also arrives in the last 12,000 characters of the output.
@@ -176,6 +176,11 @@ done
 OMP_NUM_THREADS=$JOB_THREADS stage cuda_checks "$CHECKS_TIMEOUT_S" python3 benchmarks/cuda_checks.py --device auto \
   --teacher-weights "$DATA/resnet20_teacher.th" --cifar-data "$DATA/test_lossless_200.npz" \
   --json "$RES/cuda_checks.json" $CHECKS_ARGS &
+# stars-deploy convert (the teacher itself as a spiking network, NIR): synthesis of the 512
+# calibration images and the NIR reference on all 10,000 JPEG images at T 32, on the GPU
+OMP_NUM_THREADS=$JOB_THREADS STDOUT_EXT=json stage convert "$phase" python3 -m stars_deploy convert \
+  --teacher cifar_resnet20 --weights "$DATA/resnet20_teacher.th" --normalization imagenet \
+  --data "$DATA/test_jpeg_q75.npz" --device "$DEVICE" --runs-dir "$RES/convert_runs" --json &
 # The digits teacher is trained into the cache first: a distill that trains it itself does so
 # after seeding, and the training reseeds torch, so the plain run (training it) and torchrun
 # (finding it cached) would start from different random states and never give the same weights.

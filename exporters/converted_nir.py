@@ -19,7 +19,8 @@ The rest of the traced graph maps one node to one NIR node: Conv2d (BatchNorm al
 ConvertedNetwork), Linear -> Affine, additions -> several edges into the next node (NIR sums a
 node's inputs), ``x[:, :, ::s, ::s]`` and a channel ``F.pad`` (the CIFAR ResNet's option-A shortcut)
 -> a 1x1 stride-s Conv2d of zeros and ones (exact), ``mean`` over H and W or global average
-pooling -> AvgPool2d + Flatten, flatten -> Flatten; dropout and identities vanish. Anything else
+pooling -> AvgPool2d + Flatten, flatten (also ``x.view(x.size(0), -1)``) -> Flatten; dropout and
+identities vanish. Anything else
 is refused, naming the node.
 """
 
@@ -66,12 +67,14 @@ class _Lowering:
     fx node's value (several after an addition)."""
 
     def __init__(self, network: ConvertedNetwork, input_shape: tuple[int, ...], dt_s: float):
-        self.network, self.dt_s = network, dt_s
+        self.dt_s = dt_s
         self.modules = dict(network.graph.named_modules())
         self.nodes: dict[str, nir.NIRNode] = {"input": nir.Input(input_type={"input": np.array(input_shape)})}
         self.edges: list[tuple[str, str]] = []
         self.sources: dict[fx.Node, list[str]] = {}
         self.subsampled: dict[fx.Node, tuple[fx.Node, int]] = {}  # x[:, :, ::s, ::s], lowered at its user
+        self.batch_sizes: set[fx.Node] = set()  # x.size(0) or x.shape[0], as in x.view(x.size(0), -1)
+        self.shapes: set[fx.Node] = set()  # x.shape
         self.spike_layers: dict[str, str] = {}
         network.set_mode("ann")
         with torch.no_grad():
@@ -104,6 +107,8 @@ class _Lowering:
         if argument in self.subsampled:
             source, stride = self.subsampled[argument]
             return [self.embedding(argument.name, source, stride, 0, 0)]
+        if argument not in self.sources:
+            self.refuse(argument, "a value that is not computed from the input: a parameter or a constant")
         return self.sources[argument]
 
     def embedding(self, name: str, source: fx.Node, stride: int, before: int, after: int) -> str:
@@ -167,6 +172,12 @@ class _Lowering:
     def function(self, node: fx.Node) -> None:
         if node.target in ADDS and len(node.args) == 2 and not node.kwargs:
             self.sources[node] = self.sum(node)
+        elif node.target is getattr and node.args[1:] == ("shape",):
+            self.shapes.add(node)
+        elif node.target is operator.getitem and node.args[0] in self.shapes:
+            if node.args[1] != 0:
+                self.refuse(node, f"shape[{node.args[1]!r}]: only the batch size, shape[0], lowers")
+            self.batch_sizes.add(node)
         elif node.target is operator.getitem:
             self.subsample(node)
         elif node.target is F.pad:
@@ -191,6 +202,13 @@ class _Lowering:
             self.sources[node] = [self.add_node(f"{node.name}.flatten", flat, [pooled])]
         elif node.target == "flatten":
             self.sources[node] = [self.flatten(node, *(list(node.args[1:]) + [0, -1][len(node.args) - 1:]))]
+        elif node.target == "size" and node.args[1:] in ((0,), ()) and not node.kwargs:
+            if not node.args[1:]:
+                self.refuse(node, "the whole size of a tensor")
+            self.batch_sizes.add(node)
+        elif node.target in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1 \
+                and node.args[1] in self.batch_sizes:
+            self.sources[node] = [self.flatten(node, 1, -1)]
         elif node.target == "add" and len(node.args) == 2 and not node.kwargs:
             self.sources[node] = self.sum(node)
         else:
@@ -238,8 +256,10 @@ class _Lowering:
                 self.refuse(node, f"adaptive average pooling to {size}")
             return self.global_pool(node.target, node.args[0])
         channels, height, width = self.shape(node.args[0])
-        pool = nir.AvgPool2d(kernel_size=np.atleast_1d(module.kernel_size), stride=np.atleast_1d(module.stride),
-                             padding=np.atleast_1d(module.padding))
+        pair = nn.modules.utils._pair  # NIR's pooling fields are (height, width)
+        pool = nir.AvgPool2d(kernel_size=np.array(pair(module.kernel_size)),
+                             stride=np.array(pair(module.stride if module.stride is not None else module.kernel_size)),
+                             padding=np.array(pair(module.padding)))
         if module.ceil_mode or (np.any(np.atleast_1d(module.padding)) and not module.count_include_pad):
             self.refuse(node, "AvgPool2d with ceil_mode or padding left out of the count")
         pool.input_type = {"input": np.array((channels, height, width))}

@@ -22,10 +22,10 @@ this in the form NIR can hold (exporters/converted_nir.py), with :math:`w = v - 
 :math:`w_t = w_{t-1} + (c_t + f_{t-1})`, :math:`z_t = [w_t - \lambda_l (1 - s) > 0]`,
 :math:`f_t = -\lambda_l z_t` (s = ``start``; an integrator, a threshold and the reset fed back one
 step later), so its spikes and the exported graph's are the same float operations.
-The threshold
-:math:`\lambda_l` is the ``percentile`` (99.9) of the ANN's positive activations at site l on
-the calibration images (robust normalisation, Rueckauer et al. 2017). A max-pooling teacher
-converts too, but max over spikes is not max over rates: expect a loss there.
+
+The threshold :math:`\lambda_l` is the ``percentile`` (99.9) of the ANN's positive activations at
+site l on the calibration images (robust normalisation, Rueckauer et al. 2017). A max-pooling
+teacher converts too (not to NIR), but max over spikes is not max over rates: expect a loss there.
 """
 
 from __future__ import annotations

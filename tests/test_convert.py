@@ -175,3 +175,28 @@ def test_convert_refuses_the_pool_of_another_teachers_run(cli_main, tmp_path, di
     write_json(other / "manifest.json", {"format": RUN_FORMAT, "config": {}, "teacher_sha256": "0" * 64})
     code, _, err = cli_main("convert", "--calibrate-on", other, "--runs-dir", tmp_path / "runs")
     assert code == 2 and "another teacher checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+class _Reshaping(nn.Module):
+    """conv-BN-ReLU, average pooling and the usual reshapes of hand-written classifiers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.pool = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.AvgPool2d(2)
+        self.hidden, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn(self.conv(x))))
+        x = x.view(x.size(0), -1)
+        x = nn.functional.relu(self.hidden(x.reshape(x.shape[0], -1)))
+        return self.head(x)
+
+
+def test_reshapes_by_the_batch_size_and_pooling_lower_spike_for_spike(tmp_path, randomize_bn):
+    teacher = randomize_bn(_Reshaping())
+    images = torch.rand(16, 1, 4, 4)
+    network, path = lowered(teacher, (1, 4, 4), 10, tmp_path, calibration=torch.rand(64, 1, 4, 4))
+    logits, expected = torch_spikes(network, images, 10)
+    result = load_reference(path).run(images)
+    assert len(expected) == 2 and all(torch.equal(result.spikes[n], s) for n, s in expected.items())
+    assert torch.allclose(result.logits_t.mean(0), logits, atol=1e-5)

@@ -164,6 +164,32 @@ def test_the_twin_strategy_synthesises_first_then_trains_the_twin(tmp_path, digi
     assert 0 <= summary["student_accuracy"] <= 1
 
 
+def test_the_spiking_fraction_fine_tunes_the_spiking_student_itself_at_the_end(tmp_path, digits_teacher,
+                                                                              monkeypatch):
+    from stars_deploy.distillation import distill
+    from stars_deploy.distillation.config import SPIKING_STEPS_PER_ROUND
+    from stars_deploy.distillation.loop import Distillation
+    from stars_deploy.students.rate import RateTwin
+
+    trained, step = [], Distillation._kd_step
+    monkeypatch.setattr(Distillation, "_kd_step", lambda self, spiking=None: trained.append(
+        (spiking if spiking is not None else self.trainer, self.optimizer.param_groups[0]["lr"])) or step(self, spiking))
+    config = make_config("host", rounds=8, kd_steps=3, strategy="twin", synthesis_fraction=0.5,
+                         spiking_fraction=0.25, compile_student=False, synthesis={"batch_size": 16, "steps": 3})
+    summary = distill(config, runs_dir=tmp_path)
+    history = json.loads((Path(summary["run_dir"]) / "distill.json").read_text())["history"]
+    assert [h["phase"] for h in history] == ["synthesis"] * 4 + ["kd"] * 2 + ["spiking"] * 2
+    twin_steps, spiking_steps = trained[:2 * 3], trained[2 * 3:]
+    assert all(isinstance(model, RateTwin) for model, _ in twin_steps)
+    assert len(spiking_steps) == 2 * SPIKING_STEPS_PER_ROUND
+    assert all(not isinstance(model, RateTwin) and lr == config.spiking_lr for model, lr in spiking_steps)
+    assert summary["kd_images"] == (2 * 3 + 2 * SPIKING_STEPS_PER_ROUND) * config.kd_batch_size
+    with pytest.raises(ConfigError, match="needs --strategy twin"):
+        make_config("host", rounds=2, strategy="direct", spiking_fraction=0.1)
+    with pytest.raises(ConfigError, match="spiking-fraction must be in"):
+        make_config("host", rounds=2, strategy="twin", synthesis_fraction=0.75, spiking_fraction=0.25)
+
+
 def test_a_twin_run_whose_objective_needs_the_student_trains_the_twin_while_it_synthesises(
         tmp_path, digits_teacher, monkeypatch):
     from stars_deploy.distillation import distill

@@ -63,6 +63,11 @@ STRATEGIES = ("auto", "direct", "twin")
 TWIN_MIN_SIDE = 32
 DEFAULT_SYNTHESIS_FRACTION = 0.75  # twin: the budget's share that synthesises before the KD phase; CIFAR-10
 # ResNet-20, 20 min on 2 CPU cores: 0.75 gave 33.5 %, 0.45 gave 30.3 % (KD saturates on few images)
+# Lever b of issue 13, the twin's hand-over: 50 KD steps (128 images each, ~22 s on a 2-core
+# CPU) of the finished 20-min students as spiking networks at this fixed rate gave +1.1, +3.4
+# (rca, seeds 0 and 1) and +5.9 points (host, seed 1) on all 10,000 JPEG images.
+DEFAULT_SPIKING_LR = 2e-5
+SPIKING_STEPS_PER_ROUND = 5  # KD steps per round in that phase (~2 s each round on a 2-core CPU)
 TWIN_DEFAULTS = {"kd_mix": "both", "kd_steps": 50, "channels_last": True, "compile_student": True}
 TWIN_SYNTHESIS_DEFAULTS = {"steps": 200, "init": "smooth", "compile": "default"}
 # What a manifest's config must name: the rest may fall back to its default.
@@ -94,6 +99,8 @@ class DistillConfig:
     channels_last: bool = False  # NHWC memory layout for the teacher's and the student's convolutions
     strategy: str = "direct"  # direct or twin (STRATEGIES; make_config resolves "auto")
     synthesis_fraction: float = DEFAULT_SYNTHESIS_FRACTION  # twin: the budget's share of the synthesis phase
+    spiking_fraction: float = 0.0  # twin: the budget's last share, KD of the spiking student itself (0: none)
+    spiking_lr: float = DEFAULT_SPIKING_LR  # its Adam learning rate (fixed: the twin's cosine has ended by then)
     kd_mix: str = "none"  # mix the KD minibatches: none, mixup, cutmix, both (augment.mix_batch)
     kd_bf16: bool = False  # the KD forward passes (teacher and student) under bfloat16 autocast
     compile_student: bool = False  # torch.compile the model the KD steps train (the twin: ~2x on a CPU)
@@ -139,6 +146,13 @@ class DistillConfig:
             check_twin(self.student)
         if not 0 < self.synthesis_fraction < 1:
             raise ConfigError(f"--synthesis-fraction must be between 0 and 1, got {self.synthesis_fraction}")
+        if not 0 <= self.spiking_fraction < 1 - self.synthesis_fraction or not self.spiking_lr > 0:
+            raise ConfigError(f"--spiking-fraction must be in [0, 1 - --synthesis-fraction) = [0, "
+                              f"{1 - self.synthesis_fraction:g}) and --spiking-lr positive, got "
+                              f"{self.spiking_fraction} and {self.spiking_lr}")
+        if self.spiking_fraction > 0 and self.strategy != "twin":
+            raise ConfigError("--spiking-fraction fine-tunes the spiking student after its rate twin: it needs "
+                              "--strategy twin (the direct route trains the spiking student throughout)")
         if self.kd_mix not in MIX_MODES:
             raise ConfigError(f"--kd-mix {self.kd_mix!r}: choose one of {', '.join(MIX_MODES)}")
         if self.snapshot_every_s is not None and not self.snapshot_every_s > 0:

@@ -63,7 +63,7 @@ from stars_deploy.teachers.spec import check_finite_weights
 from stars_deploy.teachers.training import teacher_weights
 
 from .augment import mix_batch, train_augment
-from .config import DistillConfig, config_from_manifest
+from .config import SPIKING_STEPS_PER_ROUND, DistillConfig, config_from_manifest
 from .distributed import Group, PeerError, device_name, launch_rank, launch_world_size, launched, process_group
 from .footprint import ADVICE, check_memory
 from .generator import GeneratorSynthesizer
@@ -181,6 +181,7 @@ class Distillation:
         self.last_terms: dict[str, float] = {}
         self.eval_set = None
         self.loss = None
+        self._spiking: torch.nn.Module | None = None  # the spiking student's trainer (--spiking-fraction)
         self.run_dir: Path | None = None
         self.resumed = False
         self.stops: StopSignals | None = None
@@ -430,8 +431,21 @@ class Distillation:
         progress = self.budget.progress(self.round_index, self.elapsed_s)
         if self.twin is None:
             return progress
-        fraction = self.config.synthesis_fraction
-        return min(1.0, max(0.0, (progress - fraction) / (1 - fraction)))
+        fraction, spiking = self.config.synthesis_fraction, self.config.spiking_fraction
+        return min(1.0, max(0.0, (progress - fraction) / (1 - fraction - spiking)))
+
+    def _spiking_phase(self) -> bool:
+        """Twin strategy with --spiking-fraction: whether the last phase has begun, in which KD
+        trains the spiking student itself (the hand-over's fine-tune)."""
+        return self.twin is not None and self.config.spiking_fraction > 0 and \
+            self.budget.progress(self.round_index, self.elapsed_s) >= 1 - self.config.spiking_fraction
+
+    def _spiking_trainer(self) -> torch.nn.Module:
+        """The spiking student as the KD steps train it (made once; eager: compiling it would cost
+        more than the phase lasts on a CPU)."""
+        if self._spiking is None:
+            self._spiking = self.group.wrap(self.student)
+        return self._spiking
 
     def round(self) -> float:
         """One round, appending its record to the history and returning its seconds (rank 0's
@@ -442,7 +456,7 @@ class Distillation:
         those terms compare the teacher with a student that learns, at one pass instead of T."""
         config, group = self.config, self.group
         round_start = time.perf_counter()
-        kd_phase = self._kd_phase()
+        kd_phase, spiking = self._kd_phase(), self._spiking_phase()
         trains = self.twin is None or kd_phase or config.synthesis.needs_student
         if not kd_phase:
             student = self.student if self.twin is None else self.twin
@@ -452,14 +466,15 @@ class Distillation:
                 self.pool.add(batch)
         synthesis_done = time.perf_counter()
         if trains:
-            lr_scale = cosine_lr_scale(self._lr_progress())
+            lr = config.spiking_lr if spiking else config.kd_lr * cosine_lr_scale(self._lr_progress())
             for param_group in self.optimizer.param_groups:
-                param_group["lr"] = config.kd_lr * lr_scale
+                param_group["lr"] = lr
             self._kd_finite = {}
-            for _ in range(config.kd_steps):
-                self.loss = self._kd_step()
+            steps = SPIKING_STEPS_PER_ROUND if spiking else config.kd_steps
+            for _ in range(steps):
+                self.loss = self._kd_step(self._spiking_trainer() if spiking else None)
             self._check_kd()
-            self.counts["kd_images"] += config.kd_steps * config.kd_batch_size * group.world_size
+            self.counts["kd_images"] += steps * config.kd_batch_size * group.world_size
             group.sync_buffers(self.student)  # the student's running statistics: rank 0's on every rank
         round_end = time.perf_counter()
         self.timings["synthesis_s"] += synthesis_done - round_start
@@ -468,7 +483,8 @@ class Distillation:
         self.round_index += 1
         record = {"round": self.round_index, "elapsed_s": round(self.elapsed_s, 3),
                   "synthetic_images": len(self.pool),
-                  "phase": "kd" if kd_phase else ("synthesis" if self.twin is not None else "round"),
+                  "phase": "spiking" if spiking else "kd" if kd_phase else (
+                      "synthesis" if self.twin is not None else "round"),
                   **({"kd_loss": float(self.loss.detach())} if self.loss is not None and trains else {}),
                   **{f"syn_{k}": v for k, v in self.last_terms.items()}}
         if self.eval_set is not None and self.round_index % config.eval_every == 0:
@@ -518,9 +534,11 @@ class Distillation:
         previous = self._kd_finite.get(name)
         self._kd_finite[name] = finite if previous is None else previous & finite
 
-    def _kd_step(self) -> torch.Tensor:
-        """One student optimiser step on an augmented minibatch from the pool."""
+    def _kd_step(self, spiking: torch.nn.Module | None = None) -> torch.Tensor:
+        """One student optimiser step on an augmented minibatch from the pool: of the trainer
+        (the student, or its twin), or of ``spiking``, the spiking student in float32."""
         config = self.config
+        trainer, kd_bf16 = (self.trainer, config.kd_bf16) if spiking is None else (spiking, False)
         batch = mix_batch(train_augment(self.pool.sample(config.kd_batch_size), self.low, self.flip), config.kd_mix)
         if config.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -530,8 +548,8 @@ class Distillation:
             teacher_logits = self.teacher.head(teacher_features)
         teacher_features, teacher_logits = teacher_features.float(), teacher_logits.float()
         with self.group.guard():  # DistributedDataParallel's collectives: buffers forward, gradients backward
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=config.kd_bf16):
-                out = self.trainer(batch)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=kd_bf16):
+                out = trainer(batch)
             out = out._replace(logits=out.logits.float(), logits_t=out.logits_t.float(), features=out.features.float())
             if config.kd_mode == "per_step":
                 loss = torch.stack([kd_loss(z, teacher_logits, config.kd_temperature) for z in out.logits_t]).mean()

@@ -153,6 +153,11 @@ DISTILL_OPTIONS = TEACHER_OPTIONS + (
            choices=STRATEGIES),
     Option("synthesis_fraction", "synthesis-fraction", float, None, "Twin: the share of the budget spent "
            "synthesising before the twin's KD.", KD, show_default=f"{DEFAULT_SYNTHESIS_FRACTION:g}"),
+    Option("spiking_fraction", "spiking-fraction", float, None, "Twin: the last share of the budget in which "
+           "KD trains the spiking student itself (a brief fine-tune after its rate twin); 0: none.", KD,
+           show_default="0"),
+    Option("spiking_lr", "spiking-lr", float, None, "Twin: the Adam learning rate of that fine-tune (fixed).", KD,
+           show_default=_default(DistillConfig, "spiking_lr")),
     Option("kd_mix", "kd-mix", str, None, "Mix KD minibatch images pairwise (the teacher labels the mixed "
            "view).", KD, choices=MIX_MODES, show_default="both with --strategy twin, else none"),
     Option("kd_mode", "kd-mode", str, None, "KL on time-averaged logits, or per step.", KD, choices=KD_MODES,
@@ -333,5 +338,6 @@ def config_from_options(values: dict[str, Any], teacher: TeacherSpec | None = No
         kd_mode=v["kd_mode"], seed=v["seed"], eval_data=None if v["no_eval"] else (v["eval_data"] or "auto"),
         eval_every=v["eval_every"], checkpoint_every=v["checkpoint_every"], pool_memory_mb=v["pool_memory_mb"],
         device=v["device"], channels_last=v["channels_last"], lif_kernel=v["lif_kernel"], strategy=v["strategy"],
-        synthesis_fraction=v["synthesis_fraction"], kd_mix=v["kd_mix"], kd_bf16=v["kd_bf16"],
+        synthesis_fraction=v["synthesis_fraction"], spiking_fraction=v["spiking_fraction"],
+        spiking_lr=v["spiking_lr"], kd_mix=v["kd_mix"], kd_bf16=v["kd_bf16"],
         compile_student=v["compile_student"], snapshot_every_s=v["snapshot_every_s"])
