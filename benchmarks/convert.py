@@ -25,27 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import stratified_subset  # noqa: E402  (the same subset as the quality curve)
 
+from stars_deploy.converter import pool_images  # noqa: E402
 from stars_deploy.conversion import DEFAULT_PERCENTILE, DEFAULT_START, RESETS, ConvertedNetwork  # noqa: E402
 from stars_deploy.data import load_eval_data  # noqa: E402
 from stars_deploy.distillation import read_run_config  # noqa: E402
 from stars_deploy.evaluation import accuracy, predict, teacher_logits_fn  # noqa: E402
-from stars_deploy.fileio import load_torch  # noqa: E402
-from stars_deploy.layout import POOL_DIR  # noqa: E402
 from stars_deploy.teachers import Normalizer, load_teacher  # noqa: E402
 from stars_deploy.teachers.training import teacher_weights  # noqa: E402
-
-
-def calibration_images(run: Path, count: int) -> torch.Tensor:
-    """The first ``count`` synthetic images of the run's pool (normalised space)."""
-    chunks, total = [], 0
-    for path in sorted((run / POOL_DIR).glob("chunk_*.pt")):
-        chunks.append(load_torch(path, "pool chunk")["images"])
-        total += len(chunks[-1])
-        if total >= count:
-            break
-    if not chunks:
-        sys.exit(f"{run / POOL_DIR} has no chunk files: give a finished distillation run")
-    return torch.cat(chunks)[:count]
 
 
 def main() -> None:
@@ -73,7 +59,7 @@ def main() -> None:
     teacher_pred = predict(teacher_logits_fn(teacher, normalizer), data.images[index], batch_size=args.batch_size)
     images = normalizer(data.images[index])
     network = ConvertedNetwork(teacher, args.reset, args.start)
-    calibration = calibration_images(args.run, args.calibration_images)
+    calibration = pool_images(args.run, args.calibration_images, spec.input_shape)
     thresholds = network.calibrate(calibration, args.percentile)
     rows = [{"timesteps": "ANN", "accuracy": accuracy(teacher_pred, labels), "agreement": 1.0,
              "spikes_per_sample": None, "seconds": 0.0}]

@@ -16,24 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert import calibration_images  # noqa: E402  (the run's pool, in order)
-
-from stars_deploy.data import load_eval_data  # noqa: E402
-from stars_deploy.distillation import read_run_config  # noqa: E402
-from stars_deploy.distillation.augment import mix_batch, train_augment  # noqa: E402
-from stars_deploy.distillation.objectives import kd_loss  # noqa: E402
-from stars_deploy.evaluation import accuracy, predict, student_logits_fn  # noqa: E402
-from stars_deploy.layout import STUDENT  # noqa: E402
-from stars_deploy.students import load_student  # noqa: E402
-from stars_deploy.teachers import Normalizer, load_teacher  # noqa: E402
-from stars_deploy.teachers.training import teacher_weights  # noqa: E402
+from stars_deploy.converter import pool_images
+from stars_deploy.data import load_eval_data
+from stars_deploy.distillation import read_run_config
+from stars_deploy.distillation.augment import mix_batch, train_augment
+from stars_deploy.distillation.objectives import kd_loss
+from stars_deploy.evaluation import accuracy, predict, student_logits_fn
+from stars_deploy.layout import STUDENT
+from stars_deploy.students import load_student
+from stars_deploy.teachers import Normalizer, load_teacher
+from stars_deploy.teachers.training import teacher_weights
 
 
 def main() -> None:
@@ -50,7 +47,7 @@ def main() -> None:
     spec = config.teacher
     teacher = load_teacher(spec, teacher_weights(spec))
     normalizer = Normalizer(*spec.mean_std)
-    pool = calibration_images(args.run, 10**9)
+    pool = pool_images(args.run, 10**9, spec.input_shape)  # the whole pool
     student = load_student(args.run / STUDENT)
     data = load_eval_data(args.data)
     low = normalizer.bounds()[0]

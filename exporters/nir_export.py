@@ -38,6 +38,7 @@ from .nir_format import NIR_FORMAT, encode_metadata, graph_layer_table, write_ni
 from .records import file_entries, merge_record
 from .registry import ExportOptions, export_kind
 
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy().astype(np.float32, copy=True)
 

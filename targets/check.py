@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stars_deploy.runs import is_converted
 from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import write_json
 from stars_deploy.layout import STUDENT, check_file
 from stars_deploy.progress import log
-from stars_deploy.runs import timestamp
+from stars_deploy.runs import is_converted, timestamp
 
 from .gates import GATES, evaluate, load_check_config, measured_values
 from .registry import REFERENCE_NONE, REFERENCE_STUDENT, get_target

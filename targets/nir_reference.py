@@ -353,13 +353,12 @@ class NIRReference:
         if isinstance(node, nir.LI):
             self._check_tau(name, node.tau)
             return self._li(node)
+        if isinstance(node, (nir.I, nir.IF)) and (not np.isfinite(self.dt_s) or self.dt_s <= 0):
+            raise NIRFormatError(f"{self.source}: node {name!r} ({type(node).__name__}) needs metadata dt_s; "
+                                 "give --dt-s SECONDS")
         if isinstance(node, nir.I):
-            if not np.isfinite(self.dt_s) or self.dt_s <= 0:
-                raise NIRFormatError(f"{self.source}: node {name!r} (I) needs metadata dt_s; give --dt-s SECONDS")
             return self._integrator(node)
         if isinstance(node, nir.IF):
-            if not np.isfinite(self.dt_s) or self.dt_s <= 0:
-                raise NIRFormatError(f"{self.source}: node {name!r} (IF) needs metadata dt_s; give --dt-s SECONDS")
             gain = self.timesteps * self.dt_s * float(np.abs(np.asarray(node.r, np.float64)).max(initial=0))
             if self.timesteps and gain < MIN_PLAUSIBLE_IF_GAIN:
                 self.warnings.append(

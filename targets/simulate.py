@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 
-from stars_deploy.runs import is_converted, read_convert_record
 from stars_deploy.data import load_eval_data
 from stars_deploy.devices import resolve_device
 from stars_deploy.distillation.config import read_run_config
@@ -24,7 +23,7 @@ from stars_deploy.errors import ConfigError
 from stars_deploy.fileio import read_json, write_json
 from stars_deploy.layout import MANIFEST, STUDENT, simulation_file, simulation_files
 from stars_deploy.progress import log, progress_bar
-from stars_deploy.runs import sha256_file
+from stars_deploy.runs import is_converted, read_convert_record, sha256_file
 from stars_deploy.teachers import Normalizer
 
 from .record import Tally, TargetResult, summarize
