@@ -182,8 +182,13 @@ def read_json(path: Path, what: str = "file") -> Any:
     if problem is not None:
         raise problem
     try:
-        return json.loads(path.read_bytes().decode("utf8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        text = path.read_bytes().decode("utf8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{what} {path} is not JSON text (byte {exc.start} is not UTF-8: a binary file?); "
+                              "give the JSON file the command wrote, or re-run that command") from None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{what} {path} is not valid JSON ({_one_line(str(exc)) or type(exc).__name__}); "
                               "re-run the command that wrote it") from None
 

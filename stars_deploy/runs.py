@@ -51,11 +51,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     """RUN_DIR/manifest.json, checked against the schema above; a CheckpointError names the
     file and the key that is missing or wrong."""
     path = Path(run_dir) / MANIFEST
-    try:
-        manifest = read_json(path, "run manifest")
-    except (UnicodeDecodeError, RecursionError) as exc:  # bytes that are not UTF-8; absurdly deep nesting
-        raise CheckpointError(f"run manifest {path} is not readable JSON text ({type(exc).__name__}); restore it "
-                              "or distil the run again") from None
+    manifest = read_json(path, "run manifest")
 
     def refuse(problem: str):
         raise CheckpointError(f"run manifest {path}: {problem}; it was not written by stars-deploy distill or "

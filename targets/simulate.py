@@ -19,7 +19,7 @@ import torch
 from stars_deploy.data import load_eval_data
 from stars_deploy.devices import resolve_device
 from stars_deploy.distillation.config import read_run_config
-from stars_deploy.errors import ConfigError
+from stars_deploy.errors import ConfigError, DataError
 from stars_deploy.fileio import read_json, write_json
 from stars_deploy.layout import MANIFEST, STUDENT, simulation_file, simulation_files
 from stars_deploy.progress import log, progress_bar
@@ -118,15 +118,26 @@ def _reference_runner(compare: str, target: Target, file: Path, run_dir: Path | 
     return other.load(sibling_file(file, other), options).run
 
 
-def _run_batches(run, reference, images: torch.Tensor, batch_size: int) -> Tally:
+def check_labels(labels: torch.Tensor | None, outputs: int, data_name: str, file: Path) -> None:
+    """Refuse labels that name no output of the network (they would count as wrong answers)."""
+    if labels is not None and len(labels) and int(labels.max()) >= outputs:
+        raise DataError(f"{data_name}: label {int(labels.max())}, but {file} has {outputs} outputs: labels are "
+                        f"class indices 0..{outputs - 1} of this network")
+
+
+def _run_batches(run, reference, images: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None,
+                 data_name: str = "", file: Path = Path()) -> Tally:
     """The tally of every batch, each compared with ``reference`` on the same images as it
-    goes (only per-layer sums are kept, so memory does not grow with the spikes)."""
+    goes (only per-layer sums are kept, so memory does not grow with the spikes); ``labels``
+    are checked against the network's outputs after the first batch."""
     total = None
     bar = progress_bar(len(images), "simulate", "sample")
     try:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             result = run(batch).cpu()
+            if start == 0:
+                check_labels(labels, result.logits_t.shape[-1], data_name, file)
             other = result if reference == "self" else reference(batch).cpu() if reference is not None else None
             tally = Tally.of(result, other)
             total = tally if total is None else total + tally
@@ -185,7 +196,7 @@ def simulate(path: Path, target: str = "nir", data: str | None = None, samples: 
     compared = [] if compare in (REFERENCE_STUDENT, REFERENCE_NONE) else [get_target(compare)]
     whole = any(t.whole_batch for t in (spec, *compared))  # Lava builds one network per call: all samples at once
     batch = len(images) if whole else min(BATCH, getattr(runner, "max_batch", BATCH))
-    result = _run_batches(run, reference, images, batch)
+    result = _run_batches(run, reference, images, batch, labels, data_name, file)
     summary = summarize(result, labels, energy=spec.energy, loihi2_pj_per_op=loihi2_pj_per_op)
     request = simulation_request(data if inputs is None else f"inputs:{inputs}", samples, compare, dt_s,
                                  timesteps, loihi2_pj_per_op)

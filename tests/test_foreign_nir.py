@@ -138,6 +138,12 @@ def test_the_braille_rnn_runs_in_the_reference_with_the_recurrent_edge_one_step_
     summary = json.loads(out_text)
     assert summary["samples"] == 6 and summary["accuracy"] is not None
     assert summary["spikes_per_layer"]["lif1.lif"] == pytest.approx(hidden.sum() / 6, rel=0.01)
+    outputs = 7  # the braille network's classes
+    np.savez(tmp_path / "wrong.npz", sequences=inputs.transpose(1, 0, 2), labels=np.full(6, outputs))
+    code, _, err = cli_main("simulate", "--target", "nir", path, "--dt-s", 1e-4, "-T", 120,
+                            "--inputs", tmp_path / "wrong.npz", "--quiet")
+    assert code == 2 and f"wrong.npz: label {outputs}, but {path} has {outputs} outputs" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_a_cycle_without_a_neuron_is_refused_naming_only_its_nodes():

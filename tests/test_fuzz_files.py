@@ -34,7 +34,6 @@ from typing import Callable, Iterator, NamedTuple
 
 import h5py
 import numpy as np
-import pytest
 import torch
 
 from stars_deploy.data import load_eval_data

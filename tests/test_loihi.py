@@ -16,7 +16,6 @@ from stars_deploy.exporters.loihi_export import (STATE_LIMIT, THRESHOLD_MANT_MAX
 from stars_deploy.exporters.netx_format import (NETX_FORMAT, InputStage, NetxFormatError, NetxLayer, NetxNetwork, NeuronConfig,
                                                 read_network, write_network)
 from stars_deploy.exporters.nir_export import student_to_nir
-from stars_deploy.students.folding import fold_student
 from stars_deploy.targets.lava_sim import load_lava
 from stars_deploy.targets.loihi import LoihiEmulator, cuba_run, load_emulator, netx_dense_weights
 from stars_deploy.targets.nir_reference import NIRReference

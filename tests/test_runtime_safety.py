@@ -29,7 +29,7 @@ from stars_deploy.fileio import DiskFullError, save_torch, write_bytes, write_js
 from stars_deploy.layout import CHECKPOINT, DISTILL, MANIFEST, STUDENT
 from stars_deploy.pipeline import run_pipeline
 from stars_deploy.runs import content_digest
-from stars_deploy.teachers import TeacherSpec, build_teacher, load_teacher
+from stars_deploy.teachers import TeacherSpec, load_teacher
 
 NO_CUDA = not torch.cuda.is_available()
 SMALL = ["--batch-size", "32", "--synthesis-steps", "5", "--kd-steps", "2", "--kd-batch-size", "32", "--no-eval"]
@@ -281,6 +281,14 @@ def test_a_broken_manifest_is_one_line_naming_the_file_and_key(case, command, ca
     _edit_manifest(run, edit)
     code, _, err = run_main(capsys, *command, run)
     line = assert_one_line(code, err, expected)
+    assert str(run / MANIFEST) in line
+
+
+def test_a_binary_manifest_says_it_is_not_json_text(capsys, tmp_path, digits_run_dir):
+    run = digits_run_dir(tmp_path / "runs" / "r")
+    (run / MANIFEST).write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    code, _, err = run_main(capsys, "report", run)
+    line = assert_one_line(code, err, "is not JSON text (byte 0 is not UTF-8: a binary file?)")
     assert str(run / MANIFEST) in line
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from stars_deploy.data import check_fits, load_eval_data
 from stars_deploy.devices import resolve_device
 from stars_deploy.evaluation import accuracy, predict, teacher_logits_fn
