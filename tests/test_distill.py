@@ -201,11 +201,13 @@ def test_a_twin_run_whose_objective_needs_the_student_trains_the_twin_while_it_s
     monkeypatch.setattr(PixelSynthesizer, "synthesize",
                         lambda self, student, *args: given.append(student) or synthesize(self, student, *args))
     config = make_config(objective="stars", rounds=8, kd_steps=3, strategy="twin", synthesis_fraction=0.5,
-                         compile_student=False, synthesis={"batch_size": 16, "steps": 3, "student_every": 1})
+                         compile_student=False, synthesis={"batch_size": 16, "steps": 3, "student_every": 1,
+                                                           "l_tar_student": 1.0})
     summary = distill(config, runs_dir=tmp_path)
     history = json.loads((Path(summary["run_dir"]) / "distill.json").read_text())["history"]
     assert [h["phase"] for h in history] == ["synthesis"] * 4 + ["kd"] * 4
     assert all("kd_loss" in h and "syn_rca" in h for h in history)  # RCA compared a student that learns
+    assert all(0 <= h["syn_tar_student"] < 1 for h in history)  # the student tail, on the twin's currents
     assert summary["kd_images"] == 8 * 3 * config.kd_batch_size
     assert len(given) == 4 and all(isinstance(student, RateTwin) for student in given)  # one pass, not T
 
@@ -253,3 +255,10 @@ def test_the_auto_objective_is_rca_on_the_twin_route_and_host_on_the_direct_rout
     assert make_config(teacher=cifar, budget_s=60, synthesis={"l_rca": 0.0}).synthesis.l_rca == 0
     assert config_from_options({}).objective == "host"  # the CLI's default is auto too
     assert config_from_options({"arch": "cifar_resnet20", "weights": "w.th"}).objective == "rca"
+
+
+def test_the_student_tail_needs_current_free_neurons():
+    with pytest.raises(ConfigError, match="--l-tar-student compares a current-free LIF"):
+        make_config("host", rounds=1, synthesis={"l_tar_student": 1.0}, lif={"tau_syn_steps": 2.0})
+    with pytest.raises(ConfigError, match="--l-tar-student must be >= 0"):
+        make_config("host", rounds=1, synthesis={"l_tar_student": -1.0})

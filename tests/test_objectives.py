@@ -4,9 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from stars_deploy.distillation.objectives import (TeacherProbe, adversarial_loss, bn_statistics_loss, cosine_gram,
-                                     gaussian_tail, hard_exceedance, kd_loss, rca_loss, soft_exceedance,
-                                     tar_layer_loss, total_variation)
+from stars_deploy.distillation.objectives import (StudentProbe, TeacherProbe, adversarial_loss, bn_statistics_loss,
+                                                  cosine_gram, gaussian_tail, hard_exceedance, kd_loss,
+                                                  matching_layers, rca_loss, soft_exceedance, student_tail_loss,
+                                                  tar_layer_loss, total_variation)
+from stars_deploy.errors import ConfigError
 
 
 def test_bn_loss_is_zero_when_the_batch_matches_the_running_statistics():
@@ -105,7 +107,8 @@ def test_teacher_probe_collects_one_bn_and_tar_term_per_layer_only_while_active(
     x = torch.randn(8, 1, 8, 8, requires_grad=True)
     net(x)
     assert len(probe.bn_terms) == 2 and len(probe.tar_terms) == 2
-    bn, tar = probe.collect()
+    bn, tar, rates = probe.collect()
+    assert rates.numel() == 0  # want_rates is off
     (bn + tar).backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
     assert probe.bn_terms == []
@@ -172,3 +175,68 @@ def test_teacher_probe_keeps_a_running_history_of_batch_statistics():
     torch.testing.assert_close(mean, 0.9 * stats[0][0] + 0.1 * stats[1][0])
     torch.testing.assert_close(var, 0.9 * stats[0][1] + 0.1 * stats[1][1])
     probe.remove()
+
+
+def test_teacher_probe_measures_the_share_of_each_bn_output_that_the_relu_passes():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        net[1].bias.fill_(-100.0)  # nothing passes the first ReLU
+    probe = TeacherProbe([(n, m) for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)])
+    probe.active = probe.want_rates = True
+    x = torch.randn(8, 1, 8, 8)
+    net(x)
+    _, _, rates = probe.collect()
+    second = net[4](net[3](net[2](net[1](net[0](x)))))
+    assert rates.tolist() == pytest.approx([0.0, float((second > 0).float().mean())])
+
+
+def test_matching_layers_pair_each_student_layer_with_the_teacher_layer_at_its_relative_depth():
+    assert matching_layers(3, 19) == [0, 9, 18]
+    assert matching_layers(2, 5) == [0, 4]
+    assert matching_layers(1, 5) == [4]
+
+
+def test_student_tail_loss_matches_its_definition():
+    theta = 2.0
+    at_threshold = torch.full((4, 3, 2, 2), theta)  # sigma(0) = 1/2 in every channel
+    far_above = torch.full((4, 2, 2, 2), 100.0)  # sigma -> 1
+    rates = torch.tensor([0.5, 0.9, 0.25])
+    loss = student_tail_loss([at_threshold, far_above], [theta, theta], rates, 0.1)
+    assert float(loss) == pytest.approx(0.0 + (1 - 0.25) ** 2)  # layers 0 and 1 -> teacher layers 0 and 2
+    currents = torch.randn(6, 3, 4, 4, requires_grad=True)
+    student_tail_loss([currents], [0.5], torch.tensor([0.3]), 0.1).backward()
+    assert float(currents.grad.abs().sum()) > 0
+
+
+def test_the_firing_current_is_where_the_lif_starts_to_fire_and_where_the_twins_staircase_starts():
+    from stars_deploy.students.neurons import LIFConfig
+    from stars_deploy.students.rate import firing_current, lif_count, rate_table
+
+    for steps, lif in ((4, LIFConfig()), (8, LIFConfig(tau_mem_steps=4.0)), (4, LIFConfig(v_leak=0.25))):
+        theta = firing_current(steps, lif)
+        counts = lif_count(torch.tensor([theta * 0.999, theta * 1.001]), steps, lif)
+        assert counts.tolist() == [0.0, 1.0]
+        if lif.v_leak == 0:
+            assert rate_table(steps, lif)[0][0] == pytest.approx(theta, rel=1e-5)
+    with pytest.raises(ConfigError, match="current-free"):
+        firing_current(4, LIFConfig(tau_syn_steps=2.0))
+
+
+@pytest.mark.parametrize("twin", [False, True])
+def test_student_probe_records_every_neuron_layers_current_and_its_firing_current(twin):
+    from stars_deploy.students import StudentConfig, build_student, student_family
+    from stars_deploy.students.rate import RateTwin, firing_current
+
+    student = build_student(StudentConfig(input_shape=(1, 8, 8), num_classes=10, timesteps=4))
+    model = RateTwin(student, student_family("convnet").rate_forward) if twin else student
+    images = torch.randn(5, 1, 8, 8)
+    with StudentProbe(model) as probe:
+        model(images)
+    layers = len(student.layers)
+    assert len(probe.currents) == len(probe.firing_currents) == layers
+    assert all(current.shape[0] == (5 if twin else 4 * 5) for current in probe.currents)
+    first = student.layers[0].bn(student.layers[0].conv(images))
+    torch.testing.assert_close(probe.currents[0][:5], first)  # the first layer's current (step 0 when spiking)
+    assert probe.firing_currents == pytest.approx([firing_current(4, student.config.lif)] * layers, rel=1e-5)
+    model(images)  # the hooks are gone after the block
+    assert len(probe.currents) == layers

@@ -1,7 +1,7 @@
 r"""The synthesis and student objectives of docs/METHOD.md (in this repository), as pure functions of tensors.
 
 Synthesis:  L_syn = l_bn L_BN + l_ce L_CE + l_adv L_ADV + l_tv L_TV + l_l2 L_L2
-                    + l_rca L_RCA + l_tar L_TAR
+                    + l_rca L_RCA + l_tar L_TAR + l_tar_student L_TAR^S
 Student:    L_stu = tau^2 KL(softmax(z_A/tau) || softmax(z_S/tau)) + b_rca L_RCA(h_A detached)
 """
 
@@ -13,6 +13,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stars_deploy.students.neurons import LIFSequence
+from stars_deploy.students.rate import RateActivation, firing_current
 
 RCA_VARIANTS = ("gram", "sp", "rkd")
 # |gamma| below this would make TAR's temperature s*|gamma| vanish; such channels are all
@@ -85,6 +88,65 @@ def tar_layer_loss(outputs: torch.Tensor, gamma: torch.Tensor, beta: torch.Tenso
     r"""One BN layer's term of L_TAR: :math:`\sum_k \text{mean}_C (e_k - \pi_k)^2`."""
     return sum(((soft_exceedance(outputs, gamma, beta, k, temperature) - gaussian_tail(k)) ** 2).mean()
                for k in ks)
+
+
+def matching_layers(student_layers: int, teacher_layers: int) -> list[int]:
+    """For each of a student's neuron layers, the teacher BatchNorm layer at the same relative
+    depth: index round(l (M - 1) / (L - 1)) of M (the last one for a one-layer student)."""
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    return [round(index * (teacher_layers - 1) / (student_layers - 1)) for index in range(student_layers)]
+
+
+def student_tail_loss(currents: list[torch.Tensor], firing_currents: list[float], teacher_rates: torch.Tensor,
+                      temperature: float | torch.Tensor) -> torch.Tensor:
+    r"""METHOD.md's "student tail" variant of L_TAR: the soft exceedance of each student neuron
+    layer l, its input current c (N, C, ...) against :math:`\theta_l`, the constant current that
+    brings the membrane to threshold within the T steps (students/rate.py firing_current),
+
+    .. math:: e_{l,c} = \text{mean}_{N,\dots}\, \sigma\big((c - \theta_l) / (s\, \theta_l)\big),
+
+    matched to the teacher's rate :math:`r_{m(l)}` (the share of its BatchNorm outputs that its
+    ReLU passes, u > 0) at the same relative depth (:func:`matching_layers`):
+    :math:`L = \sum_l \text{mean}_C (e_{l,c} - r_{m(l)})^2`."""
+    layers = matching_layers(len(currents), len(teacher_rates))
+    total = torch.zeros((), device=teacher_rates.device)
+    for current, theta, layer in zip(currents, firing_currents, layers, strict=True):
+        dims = [0] + list(range(2, current.dim()))
+        rate = torch.sigmoid((current.float() - theta) / (temperature * theta)).mean(dim=dims)
+        total = total + ((rate - teacher_rates[layer]) ** 2).mean()
+    return total
+
+
+class StudentProbe:
+    """Forward hooks on a student's neurons -- its LIF layers, or the rate twin's activation --
+    that record, while the probe is open (``with``), every call's input current as (N, C, ...)
+    (a LIF's T steps folded into N) with the current that fires within T steps."""
+
+    def __init__(self, student: nn.Module):
+        self.student = student
+        self.currents: list[torch.Tensor] = []
+        self.firing_currents: list[float] = []
+        self._handles: list = []
+
+    def _hook(self, module: nn.Module, inputs, output) -> None:
+        current = inputs[0]
+        if isinstance(module, RateActivation):
+            self.firing_currents.append(module.bounds[0])  # the twin's staircase starts there
+        else:
+            self.firing_currents.append(firing_current(current.shape[0], module.config))
+            current = current.flatten(0, 1)
+        self.currents.append(current)
+
+    def __enter__(self) -> "StudentProbe":
+        neurons = [module for module in self.student.modules() if isinstance(module, (LIFSequence, RateActivation))]
+        self._handles = [module.register_forward_hook(self._hook) for module in neurons]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def _alive(features: torch.Tensor) -> torch.Tensor:
@@ -181,9 +243,11 @@ class TeacherProbe:
         self.bn_momentum = bn_momentum
         self.active = False
         self.want_tar = False
+        self.want_rates = False
         self.tar_temperature = 0.1
         self.bn_terms: list[torch.Tensor] = []
         self.tar_terms: list[torch.Tensor] = []
+        self.rates: list[torch.Tensor] = []
         self.history: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
         self._last: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
         self._handles = [layer.register_forward_hook(functools.partial(self._hook, index))
@@ -200,14 +264,18 @@ class TeacherProbe:
         if self.want_tar:
             self.tar_terms.append(tar_layer_loss(output.float(), module.weight, module.bias,
                                                  self.tar_ks, self.tar_temperature))
+        if self.want_rates:  # the share of this layer's outputs that the ReLU after it passes
+            self.rates.append((output.detach() > 0).float().mean())
 
-    def collect(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_BN, L_TAR) summed over layers since the last call; clears them."""
+    def collect(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L_BN, L_TAR) summed over layers since the last call, and the layers' ReLU rates (M,)
+        (empty unless ``want_rates``); clears them."""
         zero = torch.zeros(())
         bn = torch.stack(self.bn_terms).sum() if self.bn_terms else zero
         tar = torch.stack(self.tar_terms).sum() if self.tar_terms else zero
-        self.bn_terms, self.tar_terms = [], []
-        return bn, tar
+        rates = torch.stack(self.rates) if self.rates else torch.zeros(0)
+        self.bn_terms, self.tar_terms, self.rates = [], [], []
+        return bn, tar, rates
 
     def end_batch(self) -> None:
         """Fold the last pass's batch statistics into the history (with bn_momentum > 0)."""

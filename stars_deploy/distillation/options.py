@@ -21,8 +21,8 @@ from stars_deploy.students.neurons import LIF_KERNELS, SURROGATES, LIFConfig
 from stars_deploy.teachers import ARCHITECTURES, NORMALIZATIONS, TeacherSpec
 
 from .augment import MIX_MODES
-from .config import (AUTO_OBJECTIVE, DEFAULT_BUDGET_S, DEFAULT_SYNTHESIS_FRACTION, HOSTS, KD_MODES, OBJECTIVES,
-                     STRATEGIES, TWIN_MIN_SIDE, TWIN_SYNTHESIS_DEFAULTS, DistillConfig, make_config)
+from .config import (AUTO_OBJECTIVE, DEFAULT_BUDGET_S, DEFAULT_SPIKING_FRACTION, DEFAULT_SYNTHESIS_FRACTION, HOSTS,
+                     KD_MODES, OBJECTIVES, STRATEGIES, TWIN_MIN_SIDE, TWIN_SYNTHESIS_DEFAULTS, DistillConfig, make_config)
 from .generator import GENERATOR_STEPS, GENERATOR_Z_LR
 from .objectives import RCA_VARIANTS
 from .synthesis import COMPILE_MODES, GENERATOR_META, INITS, SYNTHESIS_METHODS, SynthesisConfig
@@ -106,12 +106,17 @@ DISTILL_OPTIONS = TEACHER_OPTIONS + (
            show_default=_default(SynthesisConfig, "l_l2")),
     Option("l_rca", "l-rca", float, None, "Weight of L_RCA in synthesis.", OBJECTIVE, show_default="the objective's"),
     Option("l_tar", "l-tar", float, None, "Weight of L_TAR in synthesis.", OBJECTIVE, show_default="the objective's"),
+    Option("l_tar_student", "l-tar-student", float, None, "Weight of METHOD.md's student-tail TAR in synthesis: each "
+           "student layer's soft firing rate (its current against the one that fires within T steps) matched to the "
+           "teacher's ReLU rate at the same relative depth.", OBJECTIVE,
+           show_default=_default(SynthesisConfig, "l_tar_student")),
     Option("b_rca", "b-rca", float, None, "Weight of L_RCA in the student loss.", OBJECTIVE,
            show_default="the objective's"),
     Option("rca_variant", "rca-variant", str, None, "RCA form: cosine Gram, similarity-preserving or RKD.",
            OBJECTIVE, choices=RCA_VARIANTS, show_default=_default(SynthesisConfig, "rca_variant")),
-    Option("student_every", "student-every", int, None, "Run the student for RCA/ADV every k synthesis steps "
-           "(always the last).", OBJECTIVE, show_default=_default(SynthesisConfig, "student_every")),
+    Option("student_every", "student-every", int, None, "Run the student for RCA, ADV and the student-tail TAR "
+           "every k synthesis steps (always the last).", OBJECTIVE,
+           show_default=_default(SynthesisConfig, "student_every")),
     Option("method", "synthesizer", str, None, "pixel (optimise each batch's pixels) or generator (FastDFKD: a "
            "generator meta-learned across batches).", SYNTHESIS, choices=SYNTHESIS_METHODS,
            show_default=_default(SynthesisConfig, "method")),
@@ -155,7 +160,7 @@ DISTILL_OPTIONS = TEACHER_OPTIONS + (
            "synthesising before the twin's KD.", KD, show_default=f"{DEFAULT_SYNTHESIS_FRACTION:g}"),
     Option("spiking_fraction", "spiking-fraction", float, None, "Twin: the last share of the budget in which "
            "KD trains the spiking student itself (a brief fine-tune after its rate twin); 0: none.", KD,
-           show_default="0"),
+           show_default=f"{DEFAULT_SPIKING_FRACTION:g} with --strategy twin, else 0"),
     Option("spiking_lr", "spiking-lr", float, None, "Twin: the Adam learning rate of that fine-tune (fixed).", KD,
            show_default=_default(DistillConfig, "spiking_lr")),
     Option("kd_mix", "kd-mix", str, None, "Mix KD minibatch images pairwise (the teacher labels the mixed "
@@ -328,7 +333,8 @@ def config_from_options(values: dict[str, Any], teacher: TeacherSpec | None = No
              "surrogate": v["surrogate"], "surrogate_alpha": v["surrogate_alpha"]},
         synthesis={"batch_size": v["batch_size"], "steps": v["synthesis_steps"], "lr": v["synthesis_lr"],
                    "l_bn": v["l_bn"], "l_ce": v["l_ce"], "l_adv": v["l_adv"], "l_tv": v["l_tv"], "l_l2": v["l_l2"],
-                   "l_rca": v["l_rca"], "l_tar": v["l_tar"], "rca_variant": v["rca_variant"],
+                   "l_rca": v["l_rca"], "l_tar": v["l_tar"], "l_tar_student": v["l_tar_student"],
+                   "rca_variant": v["rca_variant"],
                    "student_every": v["student_every"], "method": v["method"], "generator_lr": v["generator_lr"],
                    "generator_meta": v["generator_meta"], "bn_momentum": v["bn_momentum"],
                    "teacher_bf16": v["teacher_bf16"], "bn_groups": v["bn_groups"],

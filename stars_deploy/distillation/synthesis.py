@@ -4,11 +4,13 @@ One call of :meth:`PixelSynthesizer.synthesize` optimises a batch of B images, i
 teacher's normalised input space, for ``steps`` Adam steps on
 
     L_syn = l_bn L_BN + l_ce L_CE + l_adv L_ADV + l_tv L_TV + l_l2 L_L2 + l_rca L_RCA + l_tar L_TAR
+            + l_tar_student L_TAR^S
 
 Both networks see the same random jitter (roll) and, where the data allows, the same
 horizontal flip. The student (frozen, eval mode, surrogate gradients on) is only run on the
-steps that need it: L_RCA and L_ADV are computed every ``student_every`` steps, always
-including the last step, because a student pass costs T times a teacher-sized pass.
+steps that need it: L_RCA, L_ADV and L_TAR^S (the student-tail variant) are computed every
+``student_every`` steps, always including the last step, because a student pass costs T
+times a teacher-sized pass.
 The generator host (generator.py) optimises the same objective through a generator;
 both share :class:`Synthesizer`, which owns the objective.
 
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stars_deploy.errors import ConfigError
-from .objectives import RCA_VARIANTS, TeacherProbe, adversarial_loss, rca_loss, total_variation
+from .objectives import (RCA_VARIANTS, StudentProbe, TeacherProbe, adversarial_loss, rca_loss, student_tail_loss,
+                         total_variation)
 from stars_deploy.teachers import Normalizer, batchnorm_layers
 
 
@@ -58,6 +61,7 @@ class SynthesisConfig:
     l_l2: float = 0.0
     l_rca: float = 0.0
     l_tar: float = 0.0
+    l_tar_student: float = 0.0  # METHOD.md's student-tail variant of TAR (objectives.student_tail_loss)
     rca_variant: str = "gram"
     tar_ks: tuple[float, ...] = (1.0, 2.0)
     tar_temperature: float = 0.1
@@ -79,7 +83,7 @@ class SynthesisConfig:
         for name in ("batch_size", "steps", "student_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"synthesis {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "l_bn", "l_ce", "l_adv", "l_tv", "l_l2", "l_rca", "l_tar"):
+        for name in ("lr", "l_bn", "l_ce", "l_adv", "l_tv", "l_l2", "l_rca", "l_tar", "l_tar_student"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.bn_groups < 1 or self.batch_size % self.bn_groups:
@@ -104,7 +108,7 @@ class SynthesisConfig:
 
     @property
     def needs_student(self) -> bool:
-        return self.l_rca > 0 or self.l_adv > 0
+        return self.l_rca > 0 or self.l_adv > 0 or self.l_tar_student > 0
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -151,6 +155,7 @@ class Synthesizer:
         self.probe = TeacherProbe(batchnorm_layers(teacher), tuple(config.tar_ks), config.bn_groups,
                                   config.bn_momentum)
         self.probe.want_tar = config.l_tar > 0
+        self.probe.want_rates = config.l_tar_student > 0
         self._temperatures: torch.Tensor | None = None
         self._compiled = (torch.compile(self._teacher_terms, mode=config.compile)
                           if config.compile != "none" else None)
@@ -177,11 +182,18 @@ class Synthesizer:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are dead
         try:
             temperature = self._tar_temperature(step, images.device)
-            features, logits, terms = self._teacher_side(augmented, targets, temperature)
+            features, logits, terms, teacher_rates = self._teacher_side(augmented, targets, temperature)
         finally:
             self.probe.active = False
         if student is not None and (cfg.steps - 1 - step) % cfg.student_every == 0:
-            out = student(augmented)
+            with StudentProbe(student) as neurons:
+                out = student(augmented)
+            if cfg.l_tar_student > 0:
+                if not neurons.currents:
+                    raise ConfigError("--l-tar-student: the student ran no LIF layer (or rate activation) that "
+                                      "can be measured; leave the option out for this student")
+                terms["tar_student"] = student_tail_loss(neurons.currents, neurons.firing_currents, teacher_rates,
+                                                         temperature)
             if cfg.l_rca > 0:
                 terms["rca"] = rca_loss(features, out.features, cfg.rca_variant)
             if cfg.l_adv > 0:
@@ -205,8 +217,9 @@ class Synthesizer:
         return self._teacher_terms(augmented, targets, tar_temperature)
 
     def _teacher_terms(self, augmented: torch.Tensor, targets: torch.Tensor, tar_temperature: torch.Tensor):
-        """(teacher features, teacher logits, {bn, ce, tv, l2, tar}) for the augmented batch:
-        everything of L_syn that does not need the student (one graph under torch.compile)."""
+        """(teacher features, teacher logits, {bn, ce, tv, l2, tar}, the teacher's ReLU rates per
+        BatchNorm layer) for the augmented batch: everything of L_syn that does not need the
+        student (one graph under torch.compile)."""
         self.probe.active = True
         self.probe.tar_temperature = tar_temperature
         with torch.autocast(augmented.device.type, dtype=torch.bfloat16, enabled=self.config.teacher_bf16):
@@ -214,9 +227,9 @@ class Synthesizer:
             logits = self.teacher.head(features)
         self.probe.active = False
         features, logits = features.float(), logits.float()
-        bn, tar = self.probe.collect()
-        return features, logits, {"bn": bn, "ce": F.cross_entropy(logits, targets),
-                                  "tv": total_variation(augmented), "l2": augmented.pow(2).mean(), "tar": tar}
+        bn, tar, rates = self.probe.collect()
+        return features, logits, {"bn": bn, "ce": F.cross_entropy(logits, targets), "tv": total_variation(augmented),
+                                  "l2": augmented.pow(2).mean(), "tar": tar}, rates
 
     @contextmanager
     def frozen_student(self, student: nn.Module | None):

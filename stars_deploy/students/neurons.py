@@ -180,6 +180,7 @@ class LIFSequence(nn.Module):
 
     def __init__(self, config: LIFConfig):
         super().__init__()
+        self.config = config
         self.cell = config.make_cell()
         self.fusable = config.tau_syn_steps is None and config.surrogate == "super"
         self.kernel = "norse"

@@ -50,6 +50,17 @@ def lif_count(current: torch.Tensor, steps: int, lif: LIFConfig) -> torch.Tensor
     return count
 
 
+def firing_current(steps: int, lif: LIFConfig) -> float:
+    r"""The constant current that brings a current-free LIF, at rest (v = 0), exactly to its
+    threshold on step ``steps``: the membrane then is :math:`v_t = (v_{leak} + c)(1 - (1 - a)^t)`,
+    so it fires within T steps iff :math:`c > v_{th} / (1 - (1 - a)^T) - v_{leak}`. The rate twin's
+    first step of the staircase (rate_table) is this current in float32 arithmetic."""
+    if lif.tau_syn_steps is not None:
+        raise ConfigError("the firing current is defined for current-free LIF neurons (no --tau-syn-steps)")
+    reached = 1.0 - (1.0 - lif.dt_s / lif.tau_mem_s) ** steps
+    return lif.v_threshold / reached - lif.v_leak
+
+
 def check_rate_twin(lif: LIFConfig) -> None:
     if lif.tau_syn_steps is not None or lif.v_reset != 0 or lif.v_leak != 0:
         raise ConfigError("the rate twin is defined for current-free LIF neurons that reset to 0 with "
