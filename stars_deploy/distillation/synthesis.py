@@ -25,7 +25,7 @@ The jitter, the student terms and the optimiser step stay eager.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -186,9 +186,10 @@ class Synthesizer:
         finally:
             self.probe.active = False
         if student is not None and (cfg.steps - 1 - step) % cfg.student_every == 0:
-            with StudentProbe(student) as neurons:
+            neurons = StudentProbe(student) if cfg.l_tar_student > 0 else None  # hooks only where measured
+            with neurons or nullcontext():
                 out = student(augmented)
-            if cfg.l_tar_student > 0:
+            if neurons is not None:
                 if not neurons.currents:
                     raise ConfigError("--l-tar-student: the student ran no LIF layer (or rate activation) that "
                                       "can be measured; leave the option out for this student")
